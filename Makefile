@@ -1,0 +1,48 @@
+# robustserve: `make run` (the main job) and `make test`, both from a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Debian packages the product needs: Java for TorchServe, the default dataset.
+APT_PACKAGES := openjdk-17-jre-headless dataset-fashion-mnist
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: run test install system clean
+
+run: install
+	$(BIN)/robustserve run
+
+test: install
+	$(BIN)/python -m pytest -q
+
+install: system $(STAMP)
+
+# Installs the Debian packages that are missing when run as root; otherwise names the command to run.
+system:
+	@missing=""; \
+	if ! command -v java >/dev/null 2>&1 || \
+	   [ "$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)" -lt 11 ]; then \
+	  missing="$$missing openjdk-17-jre-headless"; fi; \
+	[ -f $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else \
+	    echo "robustserve needs Debian packages:$$missing. Run: sudo apt-get update && sudo apt-get install -y$$missing" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	# torchattacks is the peer that `robustserve bench attacks` measures against. Its pinned
+	# requests~=2.25 would downgrade requests under everything else, hence --no-deps.
+	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) runs RESULTS.md model_store/*.mar

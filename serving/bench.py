@@ -1,0 +1,399 @@
+"""Throughput benchmarks. Every function returns a plain, JSON-serialisable dict.
+
+* ``bench_attacks``: our PGD (``training.attacks.PGD``, i.e. ``core.pgd``) against torchattacks'
+  ``PGD`` on the same model and the same batch, timed interleaved so that machine noise hits both.
+* ``bench_at_step``: one PGD-k adversarial-training step (attack, forward/backward, SGD step) with
+  bf16 autocast (CUDA only; a no-op on CPU) and channels_last, in img/s and achieved TFLOP/s.
+* ``run_benchmarks``: both of the above (the AT step only on CUDA) plus the environment.
+
+``format_table`` turns any of these dicts into aligned text; ``robustserve bench`` prints it.
+
+torchattacks is a peer to compare against, not a dependency of the project; install it with
+``pip install --no-deps torchattacks`` (its pinned ``requests~=2.25.1`` would downgrade requests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+from training.attacks.attacks import PGD
+from training.errors import RobustServeError
+from training.models import ARCHITECTURES, build_model
+
+H100_BF16_DENSE_TFLOPS = 989.0
+
+
+class BenchmarkError(RobustServeError):
+    """A benchmark cannot run here (a missing peer package); the message names the fix."""
+NUM_CLASSES = 10
+TORCHATTACKS_HINT = "pip install --no-deps torchattacks"
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    return f"cpu ({name})"
+
+
+def environment(device: str | torch.device | None = None) -> dict[str, Any]:
+    """torch version, device name and thread counts: what a reader needs to compare two runs."""
+    dev = device if isinstance(device, torch.device) else _resolve_device(device)
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(dev),
+        "device_name": _device_name(dev),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    if hasattr(os, "getloadavg"):  # a busy machine explains noisy CPU timings
+        env["load_avg_1_5_15m"] = [round(v, 2) for v in os.getloadavg()]
+    if dev.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+    with contextlib.suppress(ImportError):
+        import torchattacks
+
+        env["torchattacks"] = torchattacks.__version__
+    return env
+
+
+def _input_shape(arch: str) -> tuple[int, int, int]:
+    """(channels, height, width) of the inputs ``arch`` is designed for (28 px ones are grayscale)."""
+    try:
+        size = ARCHITECTURES[arch].input_size
+    except KeyError:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
+    return (1 if size == 28 else 3), size, size
+
+
+def default_eps(arch: str) -> float:
+    """Linf budget the benchmark uses: 0.1 for 28 px (MNIST-like), 8/255 otherwise."""
+    return 0.1 if _input_shape(arch)[1] == 28 else 8 / 255
+
+
+def _model_and_batch(arch: str, batch_size: int, device: torch.device, seed: int = 0
+                     ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A randomly initialised model and a random batch in [0, 1], without touching the global RNG."""
+    c, h, w = _input_shape(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(arch, num_classes=NUM_CLASSES, in_channels=c, mean=[0.5] * c, std=[0.25] * c)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch_size, c, h, w, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)
+    return model.to(device), x.to(device), y.to(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _import_torchattacks():
+    try:
+        import torchattacks
+    except ImportError as exc:
+        raise BenchmarkError(
+            "bench_attacks compares against torchattacks, which is not a project dependency: "
+            f"install it with `{TORCHATTACKS_HINT}` (plain pip would downgrade requests)"
+        ) from exc
+    return torchattacks
+
+
+# ----------------------------------------------------------------------------------------------
+# Attack throughput: ours vs torchattacks
+
+
+def bench_attacks(
+    *,
+    arch: str = "smallcnn",
+    batch_size: int = 128,
+    steps: int = 10,
+    repeats: int = 5,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Our PGD-``steps`` against ``torchattacks.PGD`` on the same model and batch.
+
+    Linf, eps 0.1 for 28 px inputs else 8/255, step eps/4, random start, model in eval mode.
+    After one (seeded) warm-up call each, the two run interleaved (ours, theirs, ours, theirs...)
+    for ``repeats`` rounds; the medians give img/s, and ``ratio`` = ours / theirs (>= 1: we are at
+    least as fast). ``agreement`` is the fraction of pixels on which the two warm-up outputs,
+    started from the same random point, agree to 1e-6: near 1 means both did the same work.
+    """
+    if repeats < 1 or batch_size < 1 or steps < 1:
+        raise ValueError(f"need repeats, batch_size, steps >= 1 (got {repeats}, {batch_size}, {steps})")
+    torchattacks = _import_torchattacks()
+    dev = _resolve_device(device)
+    model, x, y = _model_and_batch(arch, batch_size, dev)
+    model.eval()
+    eps = default_eps(arch)
+    step_size = eps / 4
+
+    ours = PGD(model, eps=eps, steps=steps, step_size=step_size, norm="linf", random_start=True,
+               batch_size=batch_size)
+    theirs = torchattacks.PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True)
+
+    # Warm-up, seeded identically so the outputs can be compared.
+    with _seeded(0, dev):
+        _, adv_ours = _timed(lambda: ours(x, y), dev)
+    with _seeded(0, dev):
+        _, adv_theirs = _timed(lambda: theirs(x, y), dev)
+    agreement = ((adv_ours - adv_theirs).abs() <= 1e-6).float().mean().item()
+    max_pert = max((adv_ours - x).abs().max().item(), (adv_theirs - x).abs().max().item())
+
+    t_ours: list[float] = []
+    t_theirs: list[float] = []
+    for _ in range(repeats):
+        t_ours.append(_timed(lambda: ours(x, y), dev)[0])
+        t_theirs.append(_timed(lambda: theirs(x, y), dev)[0])
+    med_ours, med_theirs = statistics.median(t_ours), statistics.median(t_theirs)
+    ours_ips, theirs_ips = batch_size / med_ours, batch_size / med_theirs
+    return {
+        "benchmark": "attacks",
+        "arch": arch,
+        "input_shape": list(x.shape[1:]),
+        "batch_size": batch_size,
+        "steps": steps,
+        "repeats": repeats,
+        "eps": eps,
+        "step_size": step_size,
+        "ours_s": med_ours,
+        "theirs_s": med_theirs,
+        "ours_img_s": ours_ips,
+        "theirs_img_s": theirs_ips,
+        "ratio": ours_ips / theirs_ips,
+        "ours_times_s": t_ours,
+        "theirs_times_s": t_theirs,
+        "agreement": agreement,
+        "max_perturbation": max_pert,
+        "environment": environment(dev),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Adversarial-training step throughput
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _OpFlopCounter(TorchDispatchMode):
+    """FLOPs of every op with a formula in torch's ``flop_registry``, without module tracking.
+
+    ``FlopCounterMode`` tracks modules with backward hooks, which ``torch.autograd.grad`` (the
+    attack's input gradient) refuses; this counts the same formulas over the whole region.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func._overloadpacket
+        if packet not in flop_registry:
+            with self:  # count what the op decomposes into, as FlopCounterMode does
+                decomposed = func.decompose(*args, **kwargs)
+            if decomposed is not NotImplemented:
+                return decomposed
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.total += int(flop_registry[packet](*args, **kwargs, out_val=out))
+        return out
+
+
+def forward_flops_per_image(model: nn.Module, x1: torch.Tensor) -> int:
+    """Forward FLOPs of ``model`` on one image ``x1`` (shape ``1 x C x H x W``)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x1)
+    return int(counter.get_total_flops())
+
+
+def bench_at_step(
+    *,
+    arch: str = "preactresnet18",
+    batch_size: int = 512,
+    steps: int = 10,
+    repeats: int = 5,
+    device: str | None = None,
+    peak_tflops: float = H100_BF16_DENSE_TFLOPS,
+    bn_mode: str = "eval",
+) -> dict[str, Any]:
+    """Throughput of one PGD-``steps`` adversarial-training step: attack + forward/backward + SGD step.
+
+    bf16 autocast on CUDA (none on CPU), channels_last model and inputs. One warm-up step (two on
+    CUDA, for cudnn autotuning), then the median of ``repeats`` timed steps.
+
+    ``model_tflops`` uses the usual nominal count: ``3 * fwd_flops * (steps + 1)`` per image (each
+    attack step counted as a full forward+backward). The attack's backward only needs input
+    gradients, so ``executed_tflops`` also reports the FLOPs counted (torch's FLOP formulas) on one real step
+    (about ``(2 * steps + 3) * fwd_flops``). ``fraction_of_peak`` = ``model_tflops / peak_tflops``.
+    """
+    if repeats < 1 or batch_size < 1 or steps < 1:
+        raise ValueError(f"need repeats, batch_size, steps >= 1 (got {repeats}, {batch_size}, {steps})")
+    dev = _resolve_device(device)
+    model, x, y = _model_and_batch(arch, batch_size, dev)
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    eps = default_eps(arch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    attack = PGD(model, eps=eps, steps=steps, step_size=eps / 4, norm="linf", random_start=True,
+                 bn_mode=bn_mode, batch_size=batch_size)  # type: ignore[arg-type]
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
+        model.train()
+        with _autocast(dev):
+            x_adv = attack.perturb_batch(xb, yb)  # core.pgd on the batch, no re-batching copy
+            loss = F.cross_entropy(model(x_adv).float(), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    # FLOPs: forward on one image (eval mode, no grad), and one real step on two images.
+    model.eval()
+    fwd = forward_flops_per_image(model, x[:1])
+    counter = _OpFlopCounter()
+    with counter:
+        step(x[:2], y[:2])
+    executed_per_image = counter.total / 2
+    nominal_per_image = 3 * fwd * (steps + 1)
+
+    saved_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        for _ in range(2 if dev.type == "cuda" else 1):
+            _timed(lambda: step(x, y), dev)
+        times = [_timed(lambda: step(x, y), dev)[0] for _ in range(repeats)]
+    finally:
+        torch.backends.cudnn.benchmark = saved_benchmark
+    med = statistics.median(times)
+    ips = batch_size / med
+    model_tflops = ips * nominal_per_image / 1e12
+    return {
+        "benchmark": "at_step",
+        "arch": arch,
+        "input_shape": list(x.shape[1:]),
+        "batch_size": batch_size,
+        "steps": steps,
+        "repeats": repeats,
+        "eps": eps,
+        "bn_mode": bn_mode,
+        "autocast": "bfloat16" if dev.type == "cuda" else None,
+        "channels_last": True,
+        "step_s": med,
+        "times_s": times,
+        "img_s": ips,
+        "fwd_flops_per_image": fwd,
+        "flops_per_image": nominal_per_image,
+        "executed_flops_per_image": executed_per_image,
+        "model_tflops": model_tflops,
+        "executed_tflops": ips * executed_per_image / 1e12,
+        "peak_tflops": peak_tflops,
+        "fraction_of_peak": model_tflops / peak_tflops,
+        "environment": environment(dev),
+    }
+
+
+def run_benchmarks(
+    *,
+    arch: str = "smallcnn",
+    batch_size: int = 128,
+    steps: int = 10,
+    repeats: int = 5,
+    device: str | None = None,
+    at_arch: str = "preactresnet18",
+    at_batch_size: int = 512,
+    peak_tflops: float = H100_BF16_DENSE_TFLOPS,
+) -> dict[str, Any]:
+    """``bench_attacks``, plus ``bench_at_step`` when the device is CUDA."""
+    dev = _resolve_device(device)
+    result: dict[str, Any] = {
+        "environment": environment(dev),
+        "attacks": bench_attacks(arch=arch, batch_size=batch_size, steps=steps, repeats=repeats, device=str(dev)),
+    }
+    if dev.type == "cuda":
+        result["at_step"] = bench_at_step(arch=at_arch, batch_size=at_batch_size, steps=steps, repeats=repeats,
+                                          device=str(dev), peak_tflops=peak_tflops)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Presentation
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def format_table(result: dict[str, Any], title: str | None = None) -> str:
+    """Two aligned columns (key, value); nested dicts become their own titled sections."""
+    rows = [(k, _fmt(v)) for k, v in result.items() if not isinstance(v, dict)]
+    width = max((len(k) for k, _ in rows), default=0)
+    lines = [f"== {title} =="] if title else []
+    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+    for k, v in result.items():
+        if isinstance(v, dict):
+            lines += ["", format_table(v, title=k)]
+    return "\n".join(lines)
+
+
+# What `robustserve bench WHAT` runs; each takes keyword settings and returns a JSON-able dict.
+BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
+    "attacks": bench_attacks,
+    "at-step": bench_at_step,
+    "all": run_benchmarks,
+}

@@ -1,0 +1,260 @@
+"""The ``robustserve`` command line: one registry of subcommands, one place that turns errors into one line.
+
+Heavy imports (torch, the training stack) happen inside the commands, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Handler
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None] = lambda p: None):
+    def decorator(run: Handler) -> Handler:
+        COMMANDS[name] = Command(name, help, configure, run)
+        return run
+
+    return decorator
+
+
+def _parse_value(text: str):
+    """``--set`` values: JSON when it parses (numbers, lists, true/false/null), else the raw string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+# ---------------------------------------------------------------------------------------------- list
+
+
+@command("list", "list architectures, recipes with their presets, datasets and attacks")
+def cmd_list(args: argparse.Namespace) -> int:
+    from training.attacks import ATTACKS
+    from training.data import DATASETS
+    from training.models import ARCHITECTURES
+    from training.recipes import RECIPES
+
+    print("architectures:")
+    for info in ARCHITECTURES.values():
+        print(f"  {info.name:<16} {info.input_size:>3}px  {info.description}")
+    print("recipes (presets):")
+    for recipe in RECIPES.values():
+        print(f"  {recipe.id:<16} [{', '.join(recipe.presets)}]  {recipe.description}")
+    print("datasets:")
+    for info in DATASETS.values():
+        print(f"  {info.name:<16} {info.description}")
+    print("attacks:")
+    for name, cls in ATTACKS.items():
+        print(f"  {name:<16} {'white-box' if cls.white_box else 'black-box'}  {(cls.__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+# CLI flags that map one-to-one onto TrainConfig fields (dest name = field name).
+TRAIN_FLAGS: list[tuple[str, type, str]] = [
+    ("--dataset", str, "dataset name (default: the preset's)"),
+    ("--arch", str, "architecture name (default: the preset's, else the dataset's)"),
+    ("--data-root", str, "dataset folder (default: data/ or $ROBUSTSERVE_DATA)"),
+    ("--epochs", int, "number of epochs"),
+    ("--batch-size", int, "global batch size (split across DDP ranks)"),
+    ("--lr", float, "initial learning rate"),
+    ("--eps", float, "Linf radius of the training adversary"),
+    ("--step-size", float, "PGD step size of the training adversary"),
+    ("--attack-steps", int, "PGD steps of the training adversary"),
+    ("--train-subset", int, "train on the first N shuffled training images"),
+    ("--seed", int, "random seed"),
+    ("--device", str, "cpu, cuda or cuda:N (default: cuda when available)"),
+]
+
+
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe id (see `robustserve list`)")
+    p.add_argument("--preset", default="quick", help="preset: quick (2 CPU cores, Fashion-MNIST) or paper")
+    for flag, kind, text in TRAIN_FLAGS:
+        p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--download", action="store_true", help="download CIFAR where there is internet")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other TrainConfig field, e.g. --set params.beta=3 --set milestones=[50,75]")
+    p.add_argument("--out", type=Path, help="run folder (default: runs/<recipe>-<preset>-<dataset>-<arch>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="discard an existing run in --out and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_overrides(args: argparse.Namespace) -> dict:
+    overrides: dict = {}
+    for flag, _, _ in TRAIN_FLAGS:
+        field = flag[2:].replace("-", "_")
+        if getattr(args, field) is not None:
+            overrides[field] = getattr(args, field)
+    if args.download:
+        overrides["download"] = True
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        if key.startswith("params."):
+            overrides.setdefault("params", {})[key[len("params."):]] = _parse_value(value)
+        else:
+            overrides[key.replace("-", "_")] = _parse_value(value)
+    return overrides
+
+
+@command("train", "train a recipe (defense or baseline) into a run folder", _configure_train)
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.engine import train
+    from training.recipes import get_recipe
+
+    config = get_recipe(args.recipe).config(args.preset, **train_overrides(args))
+    run_dir = train(config, args.out, resume=args.resume, force=args.force, progress=not args.no_progress)
+    print(f"run saved in {run_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+
+def _configure_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder (from `robustserve train`)")
+    p.add_argument("--n", type=int, default=1000, help="test images for clean and PGD accuracy")
+    p.add_argument("--pgd-steps", type=int, default=20)
+    p.add_argument("--pgd-restarts", type=int, default=1)
+    p.add_argument("--eps", type=float, help="Linf radius (default: the run's training eps)")
+    p.add_argument("--autoattack-n", type=int, help="test images for AutoAttack (default: --n)")
+    p.add_argument("--sweep", type=lambda s: [float(v) for v in s.split(",")],
+                   help="comma-separated eps values for the accuracy-vs-eps curve")
+    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument("--data-root", help="dataset folder (default: the run's)")
+
+
+@command("eval", "evaluate a run: clean, PGD-k, AutoAttack and an eps sweep -> report.json/.md, curves.png",
+         _configure_eval)
+def cmd_eval(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_run
+
+    report = evaluate_run(args.run, n=args.n, pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, eps=args.eps,
+                          autoattack_n=args.autoattack_n, sweep=args.sweep, device=args.device, data_root=args.data_root)
+    print((args.run / "report.md").read_text())
+    return 0 if report else 1
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _configure_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipes", default="natural,pgd_at,trades,mart,consistency_at",
+                   help="comma-separated recipes to train (finished runs are reused) and evaluate")
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="folder for the run folders")
+    p.add_argument("--n", type=int, default=1000, help="test images for clean and PGD-20")
+    p.add_argument("--autoattack-n", type=int, default=200, help="test images for AutoAttack")
+    p.add_argument("--results", type=Path, default=Path("RESULTS.md"), help="where to write the results table")
+
+
+@command("run", "the main job: train every recipe (reusing finished runs), evaluate, print the results table",
+         _configure_run)
+def cmd_run(args: argparse.Namespace) -> int:
+    from training.checkpoint import read_defense_json, write_text
+    from training.engine import default_run_dir, train
+    from training.evaluate import evaluate_run, format_results_table
+    from training.recipes import get_recipe
+
+    reports = []
+    for recipe_id in [r.strip() for r in args.recipes.split(",") if r.strip()]:
+        config = get_recipe(recipe_id).config(args.preset)
+        run_dir = default_run_dir(config, config.arch or "", args.runs)
+        finished = (run_dir / "defense.json").exists() and \
+            read_defense_json(run_dir)["stages"][-1]["epochs_done"] >= config.epochs
+        print(f"== {recipe_id}: {'reusing ' + str(run_dir) if finished else 'training into ' + str(run_dir)}", flush=True)
+        if not finished:
+            train(config, run_dir, resume=True)
+        reports.append(evaluate_run(run_dir, n=args.n, autoattack_n=args.autoattack_n))
+    table = format_results_table(reports)
+    write_text(args.results, f"# Results ({args.preset} preset)\n\n{table}\n")
+    print(table)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+    from serving.bench import BENCHMARKS
+
+    p.add_argument("what", choices=list(BENCHMARKS),
+                   help="attacks: our PGD-10 beside torchattacks' on one model and batch; at-step: one PGD-10 "
+                        "adversarial-training step (bf16 on GPU) in img/s and model TFLOP/s; all: both (at-step on GPU)")
+    p.add_argument("--arch", help="architecture (default: smallcnn for attacks, preactresnet18 for at-step)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--steps", type=int, help="PGD steps (default 10)")
+    p.add_argument("--repeats", type=int, help="timed rounds (default 5)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument("--peak-tflops", type=float, help="the device's bf16 dense peak for at-step (default: H100's 989)")
+    p.add_argument("--json", type=Path, help="also write the figures as JSON here")
+
+
+@command("bench", "benchmarks: throughput figures, compared as ratios within one run", _configure_bench)
+def cmd_bench(args: argparse.Namespace) -> int:
+    from serving.bench import BENCHMARKS, format_table
+
+    settings = {k: getattr(args, k) for k in ("arch", "batch_size", "steps", "repeats", "device", "peak_tflops")
+                if getattr(args, k) is not None}
+    if args.what == "attacks":
+        settings.pop("peak_tflops", None)
+    figures = BENCHMARKS[args.what](**settings)
+    print(format_table(figures, title=f"bench {args.what}"))
+    if args.json:
+        from training.checkpoint import write_json
+
+        write_json(args.json, figures)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robustserve", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.configure(sp)
+        sp.set_defaults(handler=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from training.errors import USER_ERRORS
+
+    try:
+        return args.handler(args)
+    except USER_ERRORS as err:
+        print(f"robustserve: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("robustserve: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

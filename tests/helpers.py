@@ -1,0 +1,38 @@
+"""Test data in the real on-disk formats, and small trained models, shared by the test modules."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+
+def write_idx(path: Path, array: np.ndarray, *, truncate: int = 0) -> None:
+    """A gzipped uint8 IDX file: magic 2051 (3-d images) / 2049 (1-d labels), big-endian dims."""
+    magic = {3: 2051, 1: 2049}[array.ndim]
+    payload = struct.pack(f">{array.ndim + 1}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(payload[: len(payload) - truncate])
+
+
+def learnable_images(n: int, seed: int, num_classes: int = 10, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Images a small CNN learns in seconds: class k is a bright 8x8 square at its own position, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % num_classes
+    images = rng.integers(0, 60, (n, size, size)).astype(np.float64)
+    for i, k in enumerate(labels):
+        row, col = 2 + 6 * (k // 4), 2 + 6 * (k % 4)
+        images[i, row:row + 8, col:col + 8] += 150
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+def write_fashion_mnist_source(folder: Path, n_train: int = 600, n_test: int = 200) -> Path:
+    """A Fashion-MNIST source folder (the four IDX .gz files) holding learnable synthetic images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = learnable_images(n, seed)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder

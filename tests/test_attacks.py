@@ -1,0 +1,125 @@
+"""The PGD core, the named attacks on it, DRA (AFT-DRA Algorithm 1) and AutoAttack."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.attacks import DRA, FGSM, PGD, AutoAttackStandard, Square, accuracy, attack_mode, build_attack, keep_top_fraction, pgd
+from training.attacks.core import OBJECTIVES, THREAT_MODELS
+from training.errors import ConfigError
+
+EPS = 0.1
+
+
+def test_pgd_linf_stays_in_ball_and_box_and_beats_clean_accuracy(trained_smallcnn, synthetic_batch) -> None:
+    x, y = synthetic_batch
+    clean = accuracy(trained_smallcnn, x, y)
+    torch.manual_seed(0)
+    x_adv = PGD(trained_smallcnn, eps=EPS, steps=10)(x, y)
+    assert (x_adv - x).abs().max() <= EPS + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    robust = accuracy(trained_smallcnn, x_adv, y)
+    assert clean > 0.9, "the fixture model should be accurate"
+    assert robust < clean - 0.3, f"PGD should hurt a non-robust model: clean {clean}, robust {robust}"
+
+
+def test_pgd_l2_stays_in_ball(trained_smallcnn, synthetic_batch) -> None:
+    x, y = synthetic_batch
+    x_adv = PGD(trained_smallcnn, eps=1.0, steps=5, norm="l2")(x, y)
+    assert (x_adv - x).flatten(1).norm(dim=1).max() <= 1.0 + 1e-5
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_stronger_settings_are_at_least_as_strong(trained_smallcnn, synthetic_batch) -> None:
+    x, y = synthetic_batch
+    torch.manual_seed(0)
+    fgsm = accuracy(trained_smallcnn, FGSM(trained_smallcnn, eps=EPS)(x, y), y)
+    torch.manual_seed(0)
+    restarts = accuracy(trained_smallcnn, PGD(trained_smallcnn, eps=EPS, steps=10, restarts=3)(x, y), y)
+    assert restarts <= fgsm
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_every_objective_attacks(objective, trained_smallcnn, synthetic_batch) -> None:
+    x, y = synthetic_batch
+    torch.manual_seed(0)
+    x_adv = PGD(trained_smallcnn, eps=EPS, steps=10, objective=objective)(x, y)
+    assert (x_adv - x).abs().max() <= EPS + 1e-6
+    assert accuracy(trained_smallcnn, x_adv, y) < accuracy(trained_smallcnn, x, y)
+
+
+def test_targeted_pgd_reaches_the_target(trained_smallcnn, synthetic_batch) -> None:
+    x, y = synthetic_batch
+    target = (y + 1) % 10
+    x_adv = PGD(trained_smallcnn, eps=0.3, steps=20, targeted=True)(x, target)
+    with torch.no_grad():
+        hit = (trained_smallcnn(x_adv).argmax(1) == target).float().mean().item()
+    assert hit > 0.5
+
+
+def test_attack_restores_train_mode_and_batchnorm_statistics() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(10))
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    model(x)  # materialise the lazy layer
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pgd(model, x, y, eps=EPS, step_size=0.02, steps=3, bn_mode="train")
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"the attack changed {key}"
+    with attack_mode(model, "eval"):
+        assert not model.training
+    assert model.training
+    assert all(p.grad is None for p in model.parameters()), "attacks must not touch parameter gradients"
+
+
+def test_dra_step_is_l1_normalised() -> None:
+    grad = torch.tensor([[[[3.0, -1.0], [0.0, 4.0]]]])
+    step = THREAT_MODELS["l1_dra"].ascent(grad)
+    assert step.abs().sum().item() == pytest.approx(1.0)
+    assert torch.allclose(step, grad / 8.0)
+
+
+def test_dra_keeps_only_the_top_p_fraction(trained_smallcnn, synthetic_batch) -> None:
+    x, y = synthetic_batch
+    eps, steps, p = 2.0, 5, 1 / 3
+    x_adv = DRA(trained_smallcnn, eps=eps, steps=steps, p=p)(x, y)
+    changed = (x_adv != x).flatten(1).sum(1)
+    values = x[0].numel()
+    assert changed.max() <= round(p * values)
+    assert changed.float().mean() > 0.5 * p * values, "most kept values should be perturbed"
+    # T steps of alpha * g / ||g||_1 with alpha = eps / T: the L1 norm is at most eps.
+    assert (x_adv - x).flatten(1).abs().sum(1).max() <= eps + 1e-4
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_keep_top_fraction_ranks_by_saliency() -> None:
+    x = torch.zeros(1, 1, 2, 2)
+    x_adv = torch.ones(1, 1, 2, 2)
+    saliency = torch.tensor([[[[0.1, 0.9], [0.5, 0.2]]]])
+    kept = keep_top_fraction(x, x_adv, saliency, 0.5)
+    assert kept.flatten().tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_autoattack_runs_end_to_end(trained_smallcnn, synthetic_batch) -> None:
+    x, y = synthetic_batch
+    x, y = x[:16], y[:16]
+    x_adv = AutoAttackStandard(trained_smallcnn, eps=EPS, seed=0)(x, y)
+    assert x_adv.shape == x.shape
+    assert (x_adv - x).abs().max() <= EPS + 1e-5
+    assert accuracy(trained_smallcnn, x_adv, y) < accuracy(trained_smallcnn, x, y)
+
+
+def test_square_is_black_box_and_custom_lists_work(trained_smallcnn, synthetic_batch) -> None:
+    x, y = synthetic_batch
+    attack = build_attack("square", trained_smallcnn, eps=0.2, seed=0)
+    assert isinstance(attack, Square) and not attack.white_box
+    x_adv = attack(x[:8], y[:8])
+    assert (x_adv - x[:8]).abs().max() <= 0.2 + 1e-5
+
+
+def test_unknown_attack_is_a_config_error(trained_smallcnn) -> None:
+    with pytest.raises(ConfigError, match="known: .*pgd"):
+        build_attack("nope", trained_smallcnn, eps=EPS)

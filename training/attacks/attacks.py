@@ -1,0 +1,217 @@
+"""Named attacks: torchattacks-style callables ``attack(x, y) -> x_adv`` on top of the PGD core.
+
+Every white-box gradient attack here is a setting of ``core.pgd``/``core.perturb``; AutoAttack and
+Square come from ``pyautoattack`` (the original authors' code). ``ATTACKS`` maps a name to a class
+so the CLI, the evaluation and the demo can build any of them from a name and keyword settings.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .core import BNMode, attack_mode, perturb, pgd
+from ..errors import ConfigError
+
+
+class Attack(ABC):
+    """Base class: holds the model and settings; ``__call__`` batches and moves inputs."""
+
+    name: ClassVar[str]
+    white_box: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, *, eps: float, batch_size: int = 512) -> None:
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.model = model
+        self.eps = eps
+        self.batch_size = batch_size
+
+    @abstractmethod
+    def perturb_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Adversarial examples for one batch already on the model's device."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        out = [self.perturb_batch(x[start:start + self.batch_size].to(device), y[start:start + self.batch_size].to(device))
+               for start in range(0, x.shape[0], self.batch_size)]
+        if len(out) == 1:
+            return out[0].to(x.device)
+        return torch.cat(out).to(x.device) if out else x.clone()
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v}" for k, v in vars(self).items() if k not in ("model", "batch_size"))
+        return f"{type(self).__name__}({settings})"
+
+
+ATTACKS: dict[str, type[Attack]] = {}
+
+
+def register_attack(cls: type[Attack]) -> type[Attack]:
+    ATTACKS[cls.name] = cls
+    return cls
+
+
+def build_attack(name: str, model: nn.Module, **settings) -> Attack:
+    try:
+        cls = ATTACKS[name]
+    except KeyError:
+        raise ConfigError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}") from None
+    return cls(model, **settings)
+
+
+@register_attack
+class PGD(Attack):
+    """Madry et al.'s PGD: Linf or L2, random start, restarts, targeted, any objective."""
+
+    name = "pgd"
+
+    def __init__(self, model: nn.Module, *, eps: float, steps: int = 20, step_size: float | None = None,
+                 norm: str = "linf", objective: str = "ce", random_start: bool = True, restarts: int = 1,
+                 targeted: bool = False, bn_mode: BNMode = "eval", batch_size: int = 512) -> None:
+        super().__init__(model, eps=eps, batch_size=batch_size)
+        self.steps = steps
+        self.step_size = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
+        self.norm = norm
+        self.objective = objective
+        self.random_start = random_start
+        self.restarts = restarts
+        self.targeted = targeted
+        self.bn_mode = bn_mode
+
+    def perturb_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return pgd(self.model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
+                   threat=self.norm, objective=self.objective, start="uniform" if self.random_start else "none",
+                   restarts=self.restarts, targeted=self.targeted, bn_mode=self.bn_mode)
+
+
+@register_attack
+class FGSM(PGD):
+    """Goodfellow et al.'s single signed-gradient step of size eps."""
+
+    name = "fgsm"
+
+    def __init__(self, model: nn.Module, *, eps: float, **settings) -> None:
+        super().__init__(model, eps=eps, steps=1, step_size=eps, random_start=False, **settings)
+
+
+@register_attack
+class FGSMRandomStart(PGD):
+    """Wong et al.'s "fast is better than free": uniform start, one step of 1.25 eps."""
+
+    name = "fgsm_rs"
+
+    def __init__(self, model: nn.Module, *, eps: float, **settings) -> None:
+        super().__init__(model, eps=eps, steps=1, step_size=1.25 * eps, random_start=True, **settings)
+
+
+@register_attack
+class DRA(Attack):
+    """Dynamically Regulated Adversary (AFT-DRA paper, Algorithm 1).
+
+    ``eps`` is the L1 budget of the whole perturbation in [0, 1] pixel units per image (the paper's
+    "regulation term"; its units are ambiguous, this is the reading the project takes). T steps of
+    ``alpha * g / ||g||_1`` with ``alpha = eps / T``; then only the top-``p`` fraction of input
+    values, ranked by the gradient magnitude at the final iterate, keep their perturbation and the
+    rest go back to the clean value.
+    """
+
+    name = "dra"
+
+    def __init__(self, model: nn.Module, *, eps: float, steps: int = 20, p: float = 2 / 3,
+                 bn_mode: BNMode = "eval", batch_size: int = 512) -> None:
+        super().__init__(model, eps=eps, batch_size=batch_size)
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"p must be in (0, 1], got {p}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.steps = steps
+        self.p = p
+        self.bn_mode = bn_mode
+
+    def perturb_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with attack_mode(self.model, self.bn_mode):
+            x_adv, _ = perturb(self.model, x, y, eps=self.eps, step_size=self.eps / self.steps,
+                               steps=self.steps, threat="l1_dra", start="none")
+            # Line 4 of Algorithm 1: rank by the gradient at the current (final) iterate.
+            _, final_grad = perturb(self.model, x_adv, y, eps=0.0, step_size=0.0, steps=1,
+                                    threat="l1_dra", start="none")
+        return keep_top_fraction(x, x_adv, final_grad.abs(), self.p)
+
+
+def keep_top_fraction(x: torch.Tensor, x_adv: torch.Tensor, saliency: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep ``x_adv`` on the top-``p`` fraction of values per sample by ``saliency``, ``x`` elsewhere."""
+    flat = saliency.flatten(1)
+    k = max(1, int(round(p * flat.shape[1])))
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.topk(k, dim=1).indices, True)
+    return torch.where(keep.view_as(x), x_adv, x)
+
+
+class _PyAutoAttack(Attack):
+    """Base for attacks run by ``pyautoattack`` (its own APGD, FAB and Square implementations)."""
+
+    attack_list: ClassVar[list[str] | None] = None
+
+    def __init__(self, model: nn.Module, *, eps: float, norm: str = "linf", seed: int = 0,
+                 version: str = "standard", attacks: list[str] | None = None, batch_size: int = 500) -> None:
+        super().__init__(model, eps=eps, batch_size=batch_size)
+        self.norm = norm
+        self.seed = seed
+        self.version = version  # pyautoattack's standard | plus | rand; ignored with a custom attack list
+        self.attacks = attacks if attacks is not None else self.attack_list
+
+    def perturb_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from pyautoattack import AutoAttack
+
+        norms = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+        version = "custom" if self.attacks is not None else self.version
+        with attack_mode(self.model, "eval"):
+            runner = AutoAttack(self.model, norm=norms[self.norm], eps=self.eps, version=version,
+                                attacks=self.attacks if version == "custom" else None,
+                                device=x.device, seed=self.seed)
+            x_adv, _ = runner.run_standard_evaluation(x, y, batch_size=self.batch_size)
+        return x_adv
+
+
+@register_attack
+class AutoAttackStandard(_PyAutoAttack):
+    """Croce & Hein's AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square), or a custom list."""
+
+    name = "autoattack"
+
+
+@register_attack
+class APGD(_PyAutoAttack):
+    """APGD on cross-entropy and DLR (the gradient half of AutoAttack)."""
+
+    name = "apgd"
+    attack_list = ["apgd-ce", "apgd-dlr"]
+
+
+@register_attack
+class Square(_PyAutoAttack):
+    """Andriushchenko et al.'s Square attack: score-based black-box, 5000 queries."""
+
+    name = "square"
+    white_box = False
+    attack_list = ["square"]
+
+
+@torch.no_grad()
+def correct_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Per-image top-1 correctness (bool, on the CPU) of ``model`` in eval mode (restored afterwards)."""
+    device = next(model.parameters()).device
+    flags = []
+    with attack_mode(model, "eval"):
+        for start in range(0, x.shape[0], batch_size):
+            logits = model(x[start:start + batch_size].to(device))
+            flags.append(logits.argmax(1).cpu() == y[start:start + batch_size].cpu())
+    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on tensors ``x``, ``y``."""
+    return correct_flags(model, x, y, batch_size).float().mean().item() if x.shape[0] else 0.0

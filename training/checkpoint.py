@@ -1,0 +1,136 @@
+"""Checkpoints and run folders: safetensors only (never a pickle), every write atomic.
+
+A run folder holds
+* ``last.safetensors``: model weights (``model/...``), optimiser buffers (``optim/...``) and the
+  training state as JSON metadata: one file, so one atomic rename moves the whole epoch forward;
+* ``best.safetensors``: the weights of the epoch with the best validation score (what is served);
+* ``defense.json``: what the run is (see ``defense_info``); ``report.*`` from ``robustserve eval``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from .errors import RobustServeError
+
+LAST = "last.safetensors"
+BEST = "best.safetensors"
+DEFENSE_JSON = "defense.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class CheckpointError(RobustServeError):
+    """A checkpoint or run folder cannot be used; the message names the fix."""
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    A crash, a full disk or a permission error leaves ``path`` as it was and no temporary file.
+    """
+    path = Path(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise CheckpointError(f"cannot write to {path.parent}: {err.strerror}") from err
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except OSError as err:
+        raise CheckpointError(f"cannot write {path}: {err.strerror or err}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata_ = {"state": json.dumps(meta)} if meta is not None else None
+    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata_))
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("state")
+        return load_file(str(path)), (json.loads(raw) if raw else None)
+    except (OSError, ValueError, RuntimeError) as err:  # safetensors raises these for corrupt files
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {err}") from err
+
+
+def model_tensors(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """SGD's per-parameter buffers as ``optim/<param index>/<name>`` tensors."""
+    return {f"optim/{index}/{name}": value
+            for index, buffers in optimizer.state_dict()["state"].items()
+            for name, value in buffers.items() if isinstance(value, torch.Tensor)}
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, index, name = key.split("/", 2)
+            state.setdefault(int(index), {})[name] = value
+    current = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, in name order: equal digests mean equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    try:
+        version = metadata.version("robustserve")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5, check=True).stdout.strip()
+        return f"{version}+g{commit}"
+    except (OSError, subprocess.SubprocessError):
+        return version
+
+
+def read_defense_json(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / DEFENSE_JSON
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a training run (no {DEFENSE_JSON}); train one with `robustserve train`")
+    return json.loads(path.read_text())

@@ -1,0 +1,64 @@
+"""Training configuration: one dataclass, filled from a recipe's preset and then from CLI overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+from .errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    recipe: str
+    preset: str = "quick"
+    dataset: str = "fashion_mnist"
+    arch: str | None = None  # None: the dataset's default architecture
+    data_root: str | None = None
+    download: bool = False
+    # Optimisation (SGD with momentum, as every paper here uses).
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "multistep"  # multistep | cosine | constant
+    milestones: list[int] = field(default_factory=list)  # epochs at which lr *= gamma (multistep)
+    gamma: float = 0.1
+    # Training adversary (Linf PGD unless the recipe says otherwise).
+    eps: float = 0.1
+    step_size: float = 0.025
+    attack_steps: int = 10
+    attack_bn: str = "eval"  # BatchNorm mode while crafting training attacks: eval | train
+    # Data budget: train on the first N shuffled training images (None: all).
+    train_subset: int | None = None
+    # Validation each epoch on images held out of the training set (never the test set).
+    val_size: int = 1000
+    val_attack_steps: int = 10
+    select_by: str = "robust"  # best checkpoint by validation robust (PGD) or clean accuracy
+    # Recipe-specific hyper-parameters (TRADES' beta, Consistency-AT's lambda and temperature, ...).
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    device: str | None = None  # None: cuda when available, else cpu
+    amp: bool = True  # bf16 autocast on CUDA only
+    channels_last: bool = True  # on CUDA only
+    workers: int = 0
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def updated(self, overrides: dict[str, Any]) -> TrainConfig:
+        """A copy with ``overrides`` applied; ``params`` are merged, unknown keys are an error."""
+        unknown = set(overrides) - self.field_names()
+        if unknown:
+            raise ConfigError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+        merged = {**overrides}
+        if "params" in overrides:
+            merged["params"] = {**self.params, **overrides["params"]}
+        return dataclasses.replace(self, **merged)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

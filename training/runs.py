@@ -1,0 +1,49 @@
+"""Loading a finished run: its ``defense.json`` and a model with the run's weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import BEST, LAST, CheckpointError, load_tensors, model_tensors, read_defense_json
+from .config import TrainConfig
+from .data import DatasetSpec
+from .models import StagedNet
+from .recipes import get_recipe
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    info: dict[str, Any]  # defense.json
+    model: StagedNet  # in eval mode
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return spec_from_info(self.info)
+
+
+def spec_from_info(info: dict[str, Any]) -> DatasetSpec:
+    """The dataset facts a model needs, read back from ``defense.json`` (no data is loaded)."""
+    return DatasetSpec(name=info["dataset"], class_names=tuple(info["classes"]),
+                       input_shape=tuple(info["input_shape"]), mean=tuple(info["normalization"]["mean"]),
+                       std=tuple(info["normalization"]["std"]), default_architecture=info["architecture"])
+
+
+def load_run(run_dir: str | Path, *, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild the run's model through its recipe and load the ``best`` (or ``last``) weights."""
+    run_dir = Path(run_dir)
+    info = read_defense_json(run_dir)
+    config = TrainConfig(**info["config"])
+    model = get_recipe(info["defense"]).build_model(spec_from_info(info), config)
+    tensors, _ = load_tensors(run_dir / {"best": BEST, "last": LAST}[which])
+    weights = model_tensors(tensors, "model/") if which == "last" else tensors
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"the weights in {run_dir} do not fit a {info['architecture']} "
+                              f"for {info['defense']}: {str(err).splitlines()[0]}") from err
+    return LoadedRun(run_dir, info, model.to(device).eval())
