@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from training.attacks.attacks import PGD
-from training.errors import RobustServeError
+from training.errors import ConfigError, RobustServeError
 from training.models import ARCHITECTURES, build_model
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -97,7 +97,7 @@ def _input_shape(arch: str) -> tuple[int, int, int]:
     try:
         size = ARCHITECTURES[arch].input_size
     except KeyError:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
+        raise ConfigError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
     return (1 if size == 28 else 3), size, size
 
 
@@ -167,7 +167,7 @@ def bench_attacks(
     started from the same random point, agree to 1e-6: near 1 means both did the same work.
     """
     if repeats < 1 or batch_size < 1 or steps < 1:
-        raise ValueError(f"need repeats, batch_size, steps >= 1 (got {repeats}, {batch_size}, {steps})")
+        raise ConfigError(f"need repeats, batch_size, steps >= 1 (got {repeats}, {batch_size}, {steps})")
     torchattacks = _import_torchattacks()
     dev = _resolve_device(device)
     model, x, y = _model_and_batch(arch, batch_size, dev)
@@ -280,7 +280,7 @@ def bench_at_step(
     (about ``(2 * steps + 3) * fwd_flops``). ``fraction_of_peak`` = ``model_tflops / peak_tflops``.
     """
     if repeats < 1 or batch_size < 1 or steps < 1:
-        raise ValueError(f"need repeats, batch_size, steps >= 1 (got {repeats}, {batch_size}, {steps})")
+        raise ConfigError(f"need repeats, batch_size, steps >= 1 (got {repeats}, {batch_size}, {steps})")
     dev = _resolve_device(device)
     model, x, y = _model_and_batch(arch, batch_size, dev)
     model = model.to(memory_format=torch.channels_last)

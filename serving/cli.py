@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.errors import USER_ERRORS, ConfigError
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -111,7 +113,7 @@ def train_overrides(args: argparse.Namespace) -> dict:
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
         if key.startswith("params."):
             overrides.setdefault("params", {})[key[len("params."):]] = _parse_value(value)
         else:
@@ -244,8 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from training.errors import USER_ERRORS
-
     try:
         return args.handler(args)
     except USER_ERRORS as err:

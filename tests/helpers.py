@@ -17,14 +17,17 @@ def write_idx(path: Path, array: np.ndarray, *, truncate: int = 0) -> None:
         f.write(payload[: len(payload) - truncate])
 
 
-def learnable_images(n: int, seed: int, num_classes: int = 10, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
-    """Images a small CNN learns in seconds: class k is a bright 8x8 square at its own position, plus noise."""
+def learnable_images(n: int, seed: int, num_classes: int = 10, size: int = 28,
+                     contrast: int = 150) -> tuple[np.ndarray, np.ndarray]:
+    """Images a small CNN learns in seconds: class k is an 8x8 square, ``contrast`` grey levels above
+    uniform noise in [0, 60), at its own position. A faint square (small contrast) is easy to learn
+    and easy to attack at eps = 0.1."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % num_classes
     images = rng.integers(0, 60, (n, size, size)).astype(np.float64)
     for i, k in enumerate(labels):
         row, col = 2 + 6 * (k // 4), 2 + 6 * (k % 4)
-        images[i, row:row + 8, col:col + 8] += 150
+        images[i, row:row + 8, col:col + 8] += contrast
     return np.clip(images, 0, 255).astype(np.uint8), labels
 
 

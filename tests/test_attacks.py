@@ -103,13 +103,27 @@ def test_keep_top_fraction_ranks_by_saliency() -> None:
     assert kept.flatten().tolist() == [0.0, 1.0, 1.0, 0.0]
 
 
-def test_autoattack_runs_end_to_end(trained_smallcnn, synthetic_batch) -> None:
+def test_autoattack_runs_every_attack_end_to_end(synthetic_batch, caplog) -> None:
+    # A linear model and a small eps: cheap, yet some points survive APGD-CE, so APGD-T, FAB-T and
+    # Square all run too (AutoAttack skips the rest once nothing is left to attack).
     x, y = synthetic_batch
-    x, y = x[:16], y[:16]
-    x_adv = AutoAttackStandard(trained_smallcnn, eps=EPS, seed=0)(x, y)
+    x, y = x[:12], y[:12]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(50):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    eps = 0.005
+    with caplog.at_level("DEBUG", logger="auto-attack"):
+        x_adv = AutoAttackStandard(model, eps=eps, seed=0)(x, y)
+    ran = [attack for attack in ("apgd-ce", "apgd-t", "fab-t", "square") if f"running {attack}" in caplog.text]
+    assert ran == ["apgd-ce", "apgd-t", "fab-t", "square"], caplog.text[-2000:]
     assert x_adv.shape == x.shape
-    assert (x_adv - x).abs().max() <= EPS + 1e-5
-    assert accuracy(trained_smallcnn, x_adv, y) < accuracy(trained_smallcnn, x, y)
+    assert (x_adv - x).abs().max() <= eps + 1e-5
+    assert accuracy(model, x_adv, y) <= accuracy(model, x, y)
 
 
 def test_square_is_black_box_and_custom_lists_work(trained_smallcnn, synthetic_batch) -> None:

@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision import datasets
 
 from helpers import write_idx
+from training.errors import ConfigError
 
 from training.data import (
     DATASETS,
@@ -41,9 +42,9 @@ def fashion_source(tmp_path, monkeypatch) -> Path:
 
 def test_registry_and_bad_names():
     assert {"fashion_mnist", "cifar10", "cifar100", "imagefolder"} <= set(DATASETS)
-    with pytest.raises(ValueError, match="known: .*fashion_mnist"):
+    with pytest.raises(ConfigError, match="known: .*fashion_mnist"):
         load_dataset("nope", "train")
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(ConfigError, match="split"):
         load_dataset("fashion_mnist", "val")
 
 

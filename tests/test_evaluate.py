@@ -8,10 +8,8 @@ the engine's own ``defense_info`` schema; the test split is written as real gzip
 from __future__ import annotations
 
 import copy
-import gzip
 import json
 import shutil
-import struct
 import time
 from pathlib import Path
 
@@ -21,24 +19,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from helpers import write_idx
+from training.attacks import correct_flags
 from training.config import TrainConfig
 from training.data import load_dataset
 from training.engine import defense_info
-from training.evaluate import (CURVES_PNG, REPORT_JSON, REPORT_MD, correct_flags, evaluate_run,
-                               format_results_table, load_test_subset)
+from training.errors import ConfigError
+from training.evaluate import CURVES_PNG, REPORT_JSON, REPORT_MD, evaluate_run, format_results_table, load_test_subset
 from training.recipes import get_recipe
 from training.runs import load_run
 
 N_TEST = 200
 EPS = 0.1
 RUN_FILES = {"defense.json", "best.safetensors", REPORT_JSON, REPORT_MD, CURVES_PNG}
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """A gzipped uint8 IDX file: magic 2051 (3-d images) / 2049 (1-d labels), big-endian dims."""
-    magic = {3: 2051, 1: 2049}[array.ndim]
-    with gzip.open(path, "wb") as f:
-        f.write(struct.pack(f">{array.ndim + 1}I", magic, *array.shape) + array.astype(np.uint8).tobytes())
 
 
 def squares(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -186,6 +179,6 @@ def test_wrong_dataset_is_a_clear_error(run_dir, tmp_path):
     info = json.loads((copy_dir / "defense.json").read_text())
     info["classes"] = [f"class {i}" for i in range(10)]
     (copy_dir / "defense.json").write_text(json.dumps(info))
-    with pytest.raises(ValueError, match="trained on"):
+    with pytest.raises(ConfigError, match="trained on"):
         evaluate_run(copy_dir, n=8, device="cpu")
     assert not (copy_dir / REPORT_JSON).exists()

@@ -107,7 +107,8 @@ def _pgd_outcome(ctx: EvalContext, eps: float, steps: int, restarts: int) -> Out
     # Re-seed per call: each measure's random starts do not depend on which measures ran before.
     torch.manual_seed(s.seed)
     attack = PGD(ctx.model, eps=eps, steps=steps, norm=s.norm, restarts=restarts, batch_size=s.batch_size)
-    correct = correct_flags(ctx.model, attack(ctx.x, ctx.y), ctx.y, s.batch_size)
+    x_adv = attack(ctx.x, ctx.y) if eps > 0 else ctx.x  # eps 0 leaves nothing to attack
+    correct = correct_flags(ctx.model, x_adv, ctx.y, s.batch_size)
     settings = {"norm": s.norm, "steps": steps, "step_size": attack.step_size, "restarts": restarts,
                 "objective": "ce", "random_start": True}
     describe = (f"{s.norm.capitalize()} eps {eps:g}, {steps} steps of {attack.step_size:.4g}, "
@@ -167,7 +168,7 @@ def load_test_subset(info: dict[str, Any], n: int, data_root: str | None) -> tup
     dataset, spec = load_dataset(info["dataset"], "test", root=data_root)
     # Evaluating on data the model was not built for would give a silently meaningless number.
     if list(spec.class_names) != list(info["classes"]) or list(spec.input_shape) != list(info["input_shape"]):
-        raise ValueError(f"the {info['dataset']} test set in {data_root or 'the default data root'} has classes "
+        raise ConfigError(f"the {info['dataset']} test set in {data_root or 'the default data root'} has classes "
                          f"{list(spec.class_names)} and shape {list(spec.input_shape)}, but the run was trained on "
                          f"{info['classes']} and {info['input_shape']}")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SUBSET_SEED))[:n]
@@ -226,7 +227,7 @@ def evaluate_run(
     if autoattack_version not in AUTOATTACK_VERSIONS:
         raise ConfigError(f"unknown AutoAttack version {autoattack_version!r}; known: {', '.join(AUTOATTACK_VERSIONS)}")
     if n < 1 or pgd_steps < 1 or pgd_restarts < 1 or sweep_steps < 1 or batch_size < 1:
-        raise ValueError("n, pgd_steps, pgd_restarts, sweep_steps and batch_size must all be >= 1")
+        raise ConfigError("n, pgd_steps, pgd_restarts, sweep_steps and batch_size must all be >= 1")
     started = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     run = load_run(run_dir, which="best", device=device)
@@ -234,7 +235,7 @@ def evaluate_run(
     threat = info.get("threat_model", {})
     eps = float(threat["eps"] if eps is None else eps)
     if eps < 0 or any(e < 0 for e in sweep or ()):
-        raise ValueError("eps must be >= 0")
+        raise ConfigError("eps must be >= 0")
     data_root = data_root if data_root is not None else info["config"].get("data_root")
     x, y, test_size = load_test_subset(info, n, data_root)
     n_requested, n = n, x.shape[0]  # fewer when the test set is smaller than asked
