@@ -187,7 +187,8 @@ class Trainer:
         seen = correct = 0
         loss_sum = 0.0
         bar = tqdm(loader, desc=f"{self.config.recipe} epoch {epoch + 1}/{self.config.epochs}",
-                   disable=not self.progress, leave=False, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+                   disable=not self.progress, leave=False, file=sys.stderr, dynamic_ncols=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
         for step, (x, y) in enumerate(bar):
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(self.config, epoch + step / len(loader))

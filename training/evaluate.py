@@ -22,6 +22,7 @@ network) exists so far. Serving modes and adaptive attacks are added by extendin
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -51,7 +52,7 @@ AUTOATTACK_VERSIONS = {
     "plus": "APGD-CE, APGD-DLR, FAB, Square, APGD-T, FAB-T",
     "rand": "APGD-CE, APGD-DLR with EOT",
 }
-SWEEP_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # default sweep, in units of the nominal eps
+SWEEP_FRACTIONS = (0.0, 0.5, 1.0, 1.5, 2.0)  # default sweep, in units of the nominal eps
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def evaluate_run(
     ``curves.png`` into it. Returns the report.
 
     ``eps`` defaults to the run's threat-model eps; ``autoattack_n`` to ``n`` (0 skips AutoAttack);
-    ``sweep`` to (0, 1/4, 1/2, 3/4, 1, 1.5, 2) x eps; ``data_root`` to the one the run trained with.
+    ``sweep`` to (0, 1/2, 1, 3/2, 2) x eps; ``data_root`` to the one the run trained with.
     """
     if autoattack_version not in AUTOATTACK_VERSIONS:
         raise ConfigError(f"unknown AutoAttack version {autoattack_version!r}; known: {', '.join(AUTOATTACK_VERSIONS)}")
@@ -287,6 +288,20 @@ def evaluate_run(
     plot_curves(report, run_path / CURVES_PNG)
     atomic_write(run_path / REPORT_MD, lambda tmp: tmp.write_text(format_report(report)))
     write_json(run_path / REPORT_JSON, report)  # last: its presence means the evaluation finished
+    return report
+
+
+def current_report(run_dir: str | Path, *, n: int, autoattack_n: int | None) -> dict[str, Any] | None:
+    """The run's ``report.json`` when it was made with these sizes from the current best weights, else None."""
+    run_path = Path(run_dir)
+    report_path, weights = run_path / REPORT_JSON, run_path / "best.safetensors"
+    if not report_path.is_file() or not weights.is_file() or report_path.stat().st_mtime < weights.stat().st_mtime:
+        return None
+    report = json.loads(report_path.read_text())
+    settings = report.get("settings", {})
+    wanted_aa = n if autoattack_n is None else autoattack_n
+    if settings.get("n_requested") != n or settings.get("autoattack_n") != min(wanted_aa, settings.get("n", 0)):
+        return None
     return report
 
 
