@@ -176,6 +176,9 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
 @command("run", "the main job: train every recipe (reusing finished runs), evaluate, print the results table",
          _configure_run)
 def cmd_run(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from serving.bench import environment
     from training.checkpoint import read_defense_json, write_text
     from training.engine import default_run_dir, train
     from training.evaluate import current_report, evaluate_run, format_results_table
@@ -197,7 +200,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             report = evaluate_run(run_dir, n=args.n, autoattack_n=args.autoattack_n)
         reports.append(report)
     table = format_results_table(reports)
-    write_text(args.results, f"# Results ({args.preset} preset)\n\n{table}\n")
+    eps = sorted({r["settings"]["eps"] for r in reports})
+    env = environment()
+    header = (f"# Results ({args.preset} preset)\n\nMade by `robustserve run --preset {args.preset}` (`make run`) on "
+              f"{env['device_name']}, {env['torch_threads']} torch threads, torch {env['torch']}, "
+              f"{datetime.now(timezone.utc):%Y-%m-%d}. Linf eps = {', '.join(f'{e:g}' for e in eps)}; clean and PGD-20 "
+              f"on the first {args.n} test images of a seeded permutation, AutoAttack (standard: APGD-CE, APGD-T, "
+              f"FAB-T, Square) on the first {args.autoattack_n} of them; worst case = the lowest robust accuracy "
+              f"over those attacks. Each run's `report.md` has the details and `curves.png` the eps sweep.\n\n")
+    write_text(args.results, header + table + "\n")
     print(table)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ from training.config import TrainConfig
 from training.data import load_dataset
 from training.engine import defense_info
 from training.errors import ConfigError
-from training.evaluate import CURVES_PNG, REPORT_JSON, REPORT_MD, evaluate_run, format_results_table, load_test_subset
+from training.evaluate import (CURVES_PNG, REPORT_JSON, REPORT_MD, SWEEP_FRACTIONS, current_report, evaluate_run,
+                               format_results_table, load_test_subset)
 from training.recipes import get_recipe
 from training.runs import load_run
 
@@ -166,7 +168,7 @@ def test_defaults_skip_autoattack_and_are_reproducible(run_dir, tmp_path):
     first = evaluate_run(copy_dir, **settings)
     second = evaluate_run(copy_dir, **settings)  # overwrites the reports in place
     assert [r["attack"] for r in first["results"]] == ["clean", "pgd"]
-    assert [row["eps"] for row in first["sweep"]] == pytest.approx([f * EPS for f in (0, .25, .5, .75, 1, 1.5, 2)])
+    assert [row["eps"] for row in first["sweep"]] == pytest.approx([f * EPS for f in SWEEP_FRACTIONS])
     assert first["worst_case"]["attack"] == "pgd" and first["worst_case"]["per_image"]["n"] == 16
     assert [r["accuracy"] for r in first["results"] + first["sweep"]] == \
            [r["accuracy"] for r in second["results"] + second["sweep"]]
@@ -182,3 +184,16 @@ def test_wrong_dataset_is_a_clear_error(run_dir, tmp_path):
     with pytest.raises(ConfigError, match="trained on"):
         evaluate_run(copy_dir, n=8, device="cpu")
     assert not (copy_dir / REPORT_JSON).exists()
+
+
+def test_current_report_is_reused_only_for_the_same_sizes_and_weights(run_dir, tmp_path):
+    copy_dir = tmp_path / "run"
+    shutil.copytree(run_dir, copy_dir)
+    evaluate_run(copy_dir, n=16, pgd_steps=2, autoattack_n=0, sweep=[EPS], sweep_steps=1, device="cpu")
+    assert current_report(copy_dir, n=16, autoattack_n=0)["settings"]["n"] == 16
+    assert current_report(copy_dir, n=32, autoattack_n=0) is None
+    assert current_report(copy_dir, n=16, autoattack_n=8) is None
+    weights = copy_dir / "best.safetensors"
+    weights.touch()  # newer weights than the report: evaluate again
+    os.utime(weights, (weights.stat().st_atime, (copy_dir / REPORT_JSON).stat().st_mtime + 10))
+    assert current_report(copy_dir, n=16, autoattack_n=0) is None
