@@ -113,6 +113,9 @@ def _model_and_batch(arch: str, batch_size: int, device: torch.device, seed: int
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(arch, num_classes=NUM_CLASSES, in_channels=c, mean=[0.5] * c, std=[0.25] * c)
+        # SmallCNN starts with a zero classifier (TRADES' init), whose input gradient is zero: give it
+        # random weights so both attacks take real steps.
+        nn.init.normal_(model.classifier.weight, std=0.1)
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(batch_size, c, h, w, generator=gen)
     y = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)

@@ -152,12 +152,12 @@ def attack_mode(model: nn.Module, bn_mode: BNMode = "eval") -> Iterator[None]:
 
 
 def _input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, objective: Objective,
-                    clean_logits: torch.Tensor | None, sign: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    clean_logits: torch.Tensor | None) -> torch.Tensor:
+    """d(sum of the per-sample objective)/d(input): samples are independent, so one backward does all."""
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = sign * objective(model(x_adv).float(), y, clean_logits)
-        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
-    return grad, loss.detach()
+        (grad,) = torch.autograd.grad(objective(model(x_adv).float(), y, clean_logits).sum(), x_adv)
+    return grad
 
 
 def perturb(
@@ -181,15 +181,15 @@ def perturb(
     """
     threat_model = THREAT_MODELS[threat]
     objective_fn = OBJECTIVES[objective]
-    sign = -1.0 if targeted else 1.0
+    signed_step = -step_size if targeted else step_size  # a targeted attack descends on the target's loss
     x = x.detach()
     x_adv = (x + threat_model.project(STARTS[start](threat_model, x, eps), eps)).clamp(0.0, 1.0)
     grad = None
     for _ in range(steps):
-        grad, _ = _input_gradient(model, x_adv, y, objective_fn, clean_logits, sign)
-        delta = threat_model.project(x_adv - x + step_size * threat_model.ascent(grad), eps)
-        x_adv = (x + delta).clamp(0.0, 1.0)
-    return x_adv.detach(), grad
+        grad = _input_gradient(model, x_adv, y, objective_fn, clean_logits)
+        delta = threat_model.project(x_adv - x + signed_step * threat_model.ascent(grad), eps)
+        x_adv = (x + delta).clamp_(0.0, 1.0)
+    return x_adv, grad
 
 
 def pgd(
