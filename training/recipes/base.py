@@ -5,7 +5,6 @@ A recipe is one defense (or baseline). It declares:
 * ``presets``: named settings for ``TrainConfig`` (``paper``: the values of its paper, on the
   paper's data and architecture; ``quick``: sized for two CPU cores on Fashion-MNIST, eps = 0.1),
 * ``serving_modes``: the named inference behaviours it exposes (DESIGN.md, "Serving modes"),
-* ``init_from``: the recipe whose finished checkpoint starts this one (None: from scratch),
 * ``loss(ctx, x, y)``: the training objective on one batch, crafting whatever adversarial
   examples it needs through ``ctx.attack`` (the shared PGD core).
 
@@ -52,7 +51,6 @@ class Recipe(ABC):
     description: ClassVar[str]
     presets: ClassVar[dict[str, dict[str, Any]]]
     serving_modes: ClassVar[tuple[str, ...]] = ("default",)
-    init_from: ClassVar[str | None] = None
 
     def config(self, preset: str, **overrides: Any) -> TrainConfig:
         """The ``TrainConfig`` of ``preset`` with ``overrides`` applied on top."""
