@@ -149,6 +149,13 @@ def _import_torchattacks():
     return torchattacks
 
 
+def _setup(benchmark: str, arch: str, x: torch.Tensor, batch_size: int, steps: int, repeats: int,
+           eps: float) -> dict[str, Any]:
+    """The settings every benchmark result starts with."""
+    return {"benchmark": benchmark, "arch": arch, "input_shape": list(x.shape[1:]), "batch_size": batch_size,
+            "steps": steps, "repeats": repeats, "eps": eps}
+
+
 # ----------------------------------------------------------------------------------------------
 # Attack throughput: ours vs torchattacks
 
@@ -198,13 +205,7 @@ def bench_attacks(
     med_ours, med_theirs = statistics.median(t_ours), statistics.median(t_theirs)
     ours_ips, theirs_ips = batch_size / med_ours, batch_size / med_theirs
     return {
-        "benchmark": "attacks",
-        "arch": arch,
-        "input_shape": list(x.shape[1:]),
-        "batch_size": batch_size,
-        "steps": steps,
-        "repeats": repeats,
-        "eps": eps,
+        **_setup("attacks", arch, x, batch_size, steps, repeats, eps),
         "step_size": step_size,
         "ours_s": med_ours,
         "theirs_s": med_theirs,
@@ -323,13 +324,7 @@ def bench_at_step(
     ips = batch_size / med
     model_tflops = ips * nominal_per_image / 1e12
     return {
-        "benchmark": "at_step",
-        "arch": arch,
-        "input_shape": list(x.shape[1:]),
-        "batch_size": batch_size,
-        "steps": steps,
-        "repeats": repeats,
-        "eps": eps,
+        **_setup("at_step", arch, x, batch_size, steps, repeats, eps),
         "bn_mode": bn_mode,
         "autocast": "bfloat16" if dev.type == "cuda" else None,
         "channels_last": True,
