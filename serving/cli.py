@@ -181,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from serving.bench import environment
     from training.checkpoint import read_defense_json, write_text
     from training.engine import default_run_dir, train
-    from training.evaluate import current_report, evaluate_run, format_results_table
+    from training.evaluate import AUTOATTACK_VERSIONS, current_report, evaluate_run, format_results_table
     from training.recipes import get_recipe
 
     reports = []
@@ -205,8 +205,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     header = (f"# Results ({args.preset} preset)\n\nMade by `robustserve run --preset {args.preset}` (`make run`) on "
               f"{env['device_name']}, {env['torch_threads']} torch threads, torch {env['torch']}, "
               f"{datetime.now(timezone.utc):%Y-%m-%d}. Linf eps = {', '.join(f'{e:g}' for e in eps)}; clean and PGD-20 "
-              f"on the first {args.n} test images of a seeded permutation, AutoAttack (standard: APGD-CE, APGD-T, "
-              f"FAB-T, Square) on the first {args.autoattack_n} of them; worst case = the lowest robust accuracy "
+              f"on the first {args.n} test images of a seeded permutation, AutoAttack (standard: "
+              f"{AUTOATTACK_VERSIONS['standard']}) on the first {args.autoattack_n} of them; worst case = the lowest robust accuracy "
               f"over those attacks. Each run's `report.md` has the details and `curves.png` the eps sweep.\n\n")
     write_text(args.results, header + table + "\n")
     print(table)

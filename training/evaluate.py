@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .attacks.attacks import PGD, AutoAttackStandard, correct_flags
-from .checkpoint import atomic_write, write_json
+from .checkpoint import BEST, atomic_write, write_json
 from .data import load_dataset
 from .errors import ConfigError
 from .runs import LoadedRun, load_run
@@ -294,7 +294,7 @@ def evaluate_run(
 def current_report(run_dir: str | Path, *, n: int, autoattack_n: int | None) -> dict[str, Any] | None:
     """The run's ``report.json`` when it was made with these sizes from the current best weights, else None."""
     run_path = Path(run_dir)
-    report_path, weights = run_path / REPORT_JSON, run_path / "best.safetensors"
+    report_path, weights = run_path / REPORT_JSON, run_path / BEST
     if not report_path.is_file() or not weights.is_file() or report_path.stat().st_mtime < weights.stat().st_mtime:
         return None
     report = json.loads(report_path.read_text())
