@@ -57,9 +57,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("architectures:")
     for info in ARCHITECTURES.values():
         print(f"  {info.name:<16} {info.input_size:>3}px  {info.description}")
-    print("recipes (presets):")
+    print("recipes [presets] (serving modes; the runs they start from):")
     for recipe in RECIPES.values():
-        print(f"  {recipe.id:<16} [{', '.join(recipe.presets)}]  {recipe.description}")
+        starts = f"; starts from {' or '.join(recipe.bases)}" if recipe.bases else ""
+        print(f"  {recipe.id:<16} [{', '.join(recipe.presets)}] ({', '.join(recipe.serving_modes)}{starts})  "
+              f"{recipe.description}")
     print("datasets:")
     for info in DATASETS.values():
         print(f"  {info.name:<16} {info.description}")
@@ -141,7 +143,8 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--pgd-restarts", type=int, default=1)
     p.add_argument("--eps", type=float, help="Linf radius (default: the run's training eps)")
-    p.add_argument("--autoattack-n", type=int, help="test images for AutoAttack (default: --n)")
+    p.add_argument("--autoattack-n", type=int, help="test images for AutoAttack and the adaptive APGD (default: --n)")
+    p.add_argument("--autoattack-version", default="standard", help="standard, plus, rand or fast (APGD-CE + APGD-T)")
     p.add_argument("--sweep", type=lambda s: [float(v) for v in s.split(",")],
                    help="comma-separated eps values for the accuracy-vs-eps curve")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
@@ -154,7 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_run
 
     report = evaluate_run(args.run, n=args.n, pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, eps=args.eps,
-                          autoattack_n=args.autoattack_n, sweep=args.sweep, device=args.device, data_root=args.data_root)
+                          autoattack_n=args.autoattack_n, autoattack_version=args.autoattack_version, sweep=args.sweep, device=args.device, data_root=args.data_root)
     print((args.run / "report.md").read_text())
     return 0 if report else 1
 
@@ -163,13 +166,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _configure_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipes", default="natural,pgd_at,trades,mart,consistency_at",
-                   help="comma-separated recipes to train (finished runs are reused) and evaluate")
+    # Each defense follows the baseline it builds on or is compared with in its paper.
+    p.add_argument("--recipes", default="natural,aft_dra,pgd_at,ducat,act,that,trades,dhat",
+                   help="comma-separated recipes to train (finished runs and stages are reused) and evaluate")
     p.add_argument("--preset", default="quick")
     p.add_argument("--runs", type=Path, default=Path("runs"), help="folder for the run folders")
-    # Sized for two CPU cores: AutoAttack standard on a robust SmallCNN costs ~1.5 s per image here.
-    p.add_argument("--n", type=int, default=500, help="test images for clean, PGD-20 and the eps sweep")
-    p.add_argument("--autoattack-n", type=int, default=100, help="test images for AutoAttack (standard)")
+    # Sized for two CPU cores and twelve serving modes: AutoAttack (APGD-CE + APGD-T) on a robust
+    # SmallCNN mode costs ~0.4 s per image here, standard AutoAttack ~1.5 s.
+    p.add_argument("--n", type=int, default=300, help="test images for clean, PGD-20, the adaptive PGD and the eps sweep")
+    p.add_argument("--autoattack-n", type=int, default=50, help="test images for AutoAttack and the adaptive APGD")
+    p.add_argument("--autoattack-version", default="fast",
+                   help="fast (APGD-CE + APGD-T, the default on 2 cores) or standard, plus, rand")
     p.add_argument("--results", type=Path, default=Path("RESULTS.md"), help="where to write the results table")
 
 
@@ -179,35 +186,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
     from serving.bench import environment
-    from training.checkpoint import read_defense_json, write_text
-    from training.engine import default_run_dir, train
+    from training.checkpoint import write_text
+    from training.engine import default_run_dir, run_finished, train
     from training.evaluate import AUTOATTACK_VERSIONS, current_report, evaluate_run, format_results_table
-    from training.recipes import get_recipe
+    from training.recipes import RECIPES, get_recipe
 
     reports = []
     for recipe_id in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         config = get_recipe(recipe_id).config(args.preset)
         run_dir = default_run_dir(config, config.arch or "", args.runs)
-        finished = (run_dir / "defense.json").exists() and \
-            read_defense_json(run_dir)["stages"][-1]["epochs_done"] >= config.epochs
+        finished = run_finished(run_dir)
         print(f"== {recipe_id}: {'reusing ' + str(run_dir) if finished else 'training into ' + str(run_dir)}", flush=True)
         if not finished:
-            train(config, run_dir, resume=True)
-        report = current_report(run_dir, n=args.n, autoattack_n=args.autoattack_n)
+            train(config, run_dir, resume=True, runs_root=args.runs)
+        report = current_report(run_dir, n=args.n, autoattack_n=args.autoattack_n,
+                                autoattack_version=args.autoattack_version)
         if report is None:
-            print(f"== {recipe_id}: evaluating (clean, PGD-20 on {args.n} test images, AutoAttack on "
-                  f"{args.autoattack_n})", flush=True)
-            report = evaluate_run(run_dir, n=args.n, autoattack_n=args.autoattack_n)
+            print(f"== {recipe_id}: evaluating every serving mode (clean, PGD-20 on {args.n} test images, AutoAttack "
+                  f"{args.autoattack_version} and adaptive APGD on {args.autoattack_n})", flush=True)
+            report = evaluate_run(run_dir, n=args.n, autoattack_n=args.autoattack_n,
+                                  autoattack_version=args.autoattack_version)
         reports.append(report)
-    table = format_results_table(reports)
+    table = format_results_table(reports, references={r.id: r.reference for r in RECIPES.values() if r.reference})
     eps = sorted({r["settings"]["eps"] for r in reports})
     env = environment()
     header = (f"# Results ({args.preset} preset)\n\nMade by `robustserve run --preset {args.preset}` (`make run`) on "
               f"{env['device_name']}, {env['torch_threads']} torch threads, torch {env['torch']}, "
               f"{datetime.now(timezone.utc):%Y-%m-%d}. Linf eps = {', '.join(f'{e:g}' for e in eps)}; clean and PGD-20 "
-              f"on the first {args.n} test images of a seeded permutation, AutoAttack (standard: "
-              f"{AUTOATTACK_VERSIONS['standard']}) on the first {args.autoattack_n} of them; worst case = the lowest robust accuracy "
-              f"over those attacks. Each run's `report.md` has the details and `curves.png` the eps sweep.\n\n")
+              f"on the first {args.n} test images of a seeded permutation, AutoAttack ({args.autoattack_version}: "
+              f"{AUTOATTACK_VERSIONS[args.autoattack_version]}) on the first {args.autoattack_n} of them. Every serving "
+              f"mode is attacked; *adaptive* is the strongest attack crafted on the mode's attack surfaces (PGD-20 on "
+              f"{args.n}, APGD-CE on {args.autoattack_n} images: DUCAT's merged class scores log(p_k + p_k+C) and raw "
+              f"logits, each DH-AT head, THAT's classifier head and soft kNN vote), judged by the served mode; "
+              f"worst case = the lowest robust accuracy over all of them. Train time includes the base run a "
+              f"defense starts from. Each run's `report.md` has the details and `curves.png` the eps sweep.\n\n")
     write_text(args.results, header + table + "\n")
     print(table)
     return 0

@@ -12,6 +12,17 @@ from training.models import StagedNet, build_model
 FAINT = 40  # grey levels: the attack tests want a model that PGD at eps = 0.1 can fool
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny batches gain nothing from intra-op threads, and on a shared 2-core machine two spinning
+    threads per process make SmallCNN's steps up to 10x slower. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def synthetic_batch() -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = learnable_images(128, seed=7, contrast=FAINT)

@@ -16,7 +16,7 @@ import torch
 from training.checkpoint import BEST, DEFENSE_JSON, LAST, CheckpointError, load_tensors
 from training.config import TrainConfig
 from training.engine import Trainer, learning_rate, train
-from training.recipes import RECIPES, get_recipe
+from training.recipes import get_recipe
 from training.runs import load_run
 
 ROBUSTSERVE = str(Path(sys.executable).parent / "robustserve")
@@ -41,7 +41,10 @@ def epochs_done(run_dir: Path) -> int:
     return json.loads(path.read_text())["stages"][0]["epochs_done"] if path.exists() else 0
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
+BASELINES = ("natural", "pgd_at", "trades", "mart", "consistency_at")
+
+
+@pytest.mark.parametrize("recipe", BASELINES)
 def test_every_baseline_trains_and_learns(recipe, learnable_fashion_mnist, tmp_path) -> None:
     run_dir = train(tiny_config(recipe, epochs=2), tmp_path / recipe, progress=False)
     info = json.loads((run_dir / DEFENSE_JSON).read_text())

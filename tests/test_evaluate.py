@@ -49,14 +49,7 @@ def squares(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny batches gain nothing from intra-op threads, and on a shared 2-core machine two spinning
-    threads per process make SmallCNN's steps up to 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +85,11 @@ def run_dir(tmp_path_factory) -> Path:
         optimizer.step()
     seconds = time.perf_counter() - started
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "best.safetensors"))
-    state = {"epochs_done": 1, "best_epoch": 1,
-             "history": [{"epoch": 1, "train_loss": loss.item(), "seconds": seconds}]}
-    (run / "defense.json").write_text(json.dumps(defense_info(recipe, config, spec, state)))
+    state = {"stage": 0, "finished": True,
+             "stages": [{"name": "natural", "epochs_done": 1, "best_epoch": 1, "best_score": 1.0,
+                         "history": [{"epoch": 1, "train_loss": loss.item(), "seconds": seconds}]}]}
+    info = defense_info(recipe, config, spec, state, recipe.stages(config), None)
+    (run / "defense.json").write_text(json.dumps(info))
     return run
 
 
@@ -131,7 +126,7 @@ def test_sweep_and_worst_case(report):
     assert [row["eps"] for row in sweep] == [0.0, EPS / 2, EPS]
     assert sweep[0]["accuracy"] == _row(report, "clean")["accuracy"]  # eps 0 leaves the images as they are
     robust = [_row(report, "pgd"), _row(report, "autoattack")]
-    worst = report["worst_case"]
+    worst = report["worst_case"]["default"]
     assert worst["accuracy"] == min(r["accuracy"] for r in robust)
     assert worst["attack"] == min(robust, key=lambda r: r["accuracy"])["attack"] and worst["eps"] == EPS
     assert 0.0 <= worst["per_image"]["accuracy"] <= worst["accuracy"] and worst["per_image"]["n"] == 16
@@ -140,7 +135,7 @@ def test_sweep_and_worst_case(report):
 def test_report_files(report, run_dir):
     assert {p.name for p in run_dir.iterdir()} == RUN_FILES  # no temporary files left behind
     saved = json.loads((run_dir / REPORT_JSON).read_text())
-    assert set(saved) == {"run", "settings", "results", "sweep", "worst_case"}
+    assert set(saved) == {"run", "settings", "results", "sweep", "modes", "worst_case"}
     assert saved["results"] == json.loads(json.dumps(report["results"]))
     assert saved["run"]["defense"] == "natural" and saved["run"]["train_seconds"] > 0
     assert saved["settings"]["eps"] == EPS and saved["settings"]["n"] == 64 and saved["settings"]["device"] == "cpu"
@@ -155,10 +150,11 @@ def test_results_table(report):
     other["run"]["defense"] = "pgd_at"
     other["results"] = [r for r in other["results"] if r["attack"] != "autoattack"]
     lines = format_results_table([report, other]).splitlines()
-    assert lines[0] == "| defense | arch | clean % | PGD-5 % | AutoAttack % | worst case % | train time |"
-    assert len(lines) == 4 and lines[2].startswith("| natural | smallcnn | ")
+    assert lines[0] == ("| defense | mode | arch | clean % | PGD-5 % | AutoAttack % | adaptive % | worst case % | "
+                        "train time |")
+    assert len(lines) == 4 and lines[2].startswith("| natural | default | smallcnn | ")
     assert f"| {100 * _row(report, 'clean')['accuracy']:.1f} |" in lines[2]
-    assert lines[3].split("|")[5].strip() == "-"  # no AutoAttack row
+    assert lines[3].split("|")[6].strip() == "-"  # no AutoAttack row
 
 
 def test_defaults_skip_autoattack_and_are_reproducible(run_dir, tmp_path):
@@ -169,7 +165,7 @@ def test_defaults_skip_autoattack_and_are_reproducible(run_dir, tmp_path):
     second = evaluate_run(copy_dir, **settings)  # overwrites the reports in place
     assert [r["attack"] for r in first["results"]] == ["clean", "pgd"]
     assert [row["eps"] for row in first["sweep"]] == pytest.approx([f * EPS for f in SWEEP_FRACTIONS])
-    assert first["worst_case"]["attack"] == "pgd" and first["worst_case"]["per_image"]["n"] == 16
+    assert first["worst_case"]["default"]["attack"] == "pgd" and first["worst_case"]["default"]["per_image"]["n"] == 16
     assert [r["accuracy"] for r in first["results"] + first["sweep"]] == \
            [r["accuracy"] for r in second["results"] + second["sweep"]]
     assert {p.name for p in copy_dir.iterdir()} == RUN_FILES

@@ -37,7 +37,14 @@ class TrainConfig:
     # Validation each epoch on images held out of the training set (never the test set).
     val_size: int = 1000
     val_attack_steps: int = 10
-    select_by: str = "robust"  # best checkpoint by validation robust (PGD) or clean accuracy
+    select_by: str = "robust"  # served weights: best validation robust (PGD) or clean accuracy, or the last epoch
+    # Multi-stage recipes: the finished run this one starts from (a recipe id in Recipe.bases, or
+    # None to train from scratch), the folder holding it (None: that recipe's default run folder
+    # under runs/ with the same preset, dataset and architecture), and per-stage overrides of any
+    # setting here (e.g. {"aggregator": {"epochs": 1, "lr": 0.02}}).
+    base: str | None = None
+    base_run: str | None = None
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Recipe-specific hyper-parameters (TRADES' beta, Consistency-AT's lambda and temperature, ...).
     params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -51,14 +58,21 @@ class TrainConfig:
         return {f.name for f in dataclasses.fields(cls)}
 
     def updated(self, overrides: dict[str, Any]) -> TrainConfig:
-        """A copy with ``overrides`` applied; ``params`` are merged, unknown keys are an error."""
+        """A copy with ``overrides`` applied; ``params`` and ``stages`` are merged, unknown keys are an error."""
         unknown = set(overrides) - self.field_names()
         if unknown:
             raise ConfigError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
         merged = {**overrides}
         if "params" in overrides:
             merged["params"] = {**self.params, **overrides["params"]}
+        if "stages" in overrides:  # per stage, as params: an override adds to the preset's stage settings
+            merged["stages"] = {name: {**self.stages.get(name, {}), **settings}
+                                for name, settings in {**self.stages, **overrides["stages"]}.items()}
         return dataclasses.replace(self, **merged)
+
+    def for_stage(self, name: str) -> TrainConfig:
+        """The settings of stage ``name``: these with its ``stages[name]`` overrides applied."""
+        return self.updated(self.stages.get(name, {}))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -19,17 +19,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .attacks.attacks import PGD, accuracy
 from .checkpoint import (BEST, DEFENSE_JSON, LAST, CheckpointError, code_version, load_optimizer_tensors,
-                         load_tensors, model_tensors, optimizer_tensors, save_tensors, weights_digest, write_json)
+                         load_tensors, model_tensors, optimizer_tensors, read_defense_json, save_tensors,
+                         weights_digest, write_json)
 from .config import TrainConfig
 from .data import DatasetSpec, load_dataset
-from .models import StagedNet
-from .recipes import Recipe, StepContext, get_recipe
+from .recipes import Recipe, Stage, StepContext, get_recipe
+from .runs import LoadedRun, load_run
 from .errors import ConfigError
 
 
@@ -92,17 +94,47 @@ def _stack(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
+def stage_best_file(stages: list[Stage], index: int) -> str:
+    """Where a stage keeps its best weights: ``best.safetensors`` (served) for the last stage,
+    ``best-<stage>.safetensors`` (the start of the next stage) for earlier ones."""
+    return BEST if index == len(stages) - 1 else f"best-{stages[index].name}.safetensors"
+
+
+def base_config(config: TrainConfig) -> TrainConfig | None:
+    """The settings of the base run ``config`` starts from: the base recipe's preset of the same
+    name, on the same data, architecture and seed (None: ``config`` trains from scratch)."""
+    if config.base is None:
+        return None
+    shared = {"dataset": config.dataset, "arch": config.arch, "data_root": config.data_root, "seed": config.seed}
+    return get_recipe(config.base).config(config.preset, **{k: v for k, v in shared.items() if v is not None})
+
+
+def resolve_base_run(config: TrainConfig, root: Path = Path("runs")) -> Path | None:
+    """The folder of the finished run ``config`` starts from (None: it trains from scratch)."""
+    base = base_config(config)
+    if base is None:
+        return None
+    return Path(config.base_run) if config.base_run is not None else default_run_dir(base, config.arch or "", root)
+
+
+def run_finished(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds a run whose every stage (and its artifacts) is done."""
+    return (run_dir / DEFENSE_JSON).is_file() and bool(read_defense_json(run_dir).get("finished"))
+
+
 class Trainer:
-    """Trains one recipe into one run folder."""
+    """Trains one recipe, stage after stage, into one run folder."""
 
     def __init__(self, config: TrainConfig, run_dir: Path | None = None, *, resume: bool = False,
-                 force: bool = False, progress: bool = True) -> None:
+                 force: bool = False, progress: bool = True, runs_root: Path = Path("runs")) -> None:
         self.recipe: Recipe = get_recipe(config.recipe)
         self.dist = Distributed.from_env()
         self.config = config
         self.train_set, self.spec = load_dataset(config.dataset, "train", root=config.data_root, download=config.download)
-        self.run_dir = Path(run_dir) if run_dir else default_run_dir(config, self.spec.default_architecture)
+        self.run_dir = Path(run_dir) if run_dir else default_run_dir(config, self.spec.default_architecture, runs_root)
         self.progress = progress and self.dist.is_main
+        self.stages = self.recipe.stages(config)
+        self.base_dir = resolve_base_run(config, runs_root)
         self._check_run_dir(resume, force)
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and self.dist.world_size > 1:
@@ -112,12 +144,19 @@ class Trainer:
         self.split = Split.make(len(self.train_set), config)
         self.val_x, self.val_y = _stack(self.train_set, self.split.val)
         torch.manual_seed(config.seed)  # the initial weights, identical on every DDP rank
-        self.module: StagedNet = self.recipe.build_model(self.spec, config).to(self.device)
+        self.module: nn.Module = self.recipe.build_model(self.spec, config)
+        self.base: LoadedRun | None = None
+        if self.base_dir is not None:
+            self.base = self._load_base(self.base_dir)
+            self.recipe.initialize(self.module, self.base, config)
+        self.module = self.module.to(self.device)
         if self._on_cuda(config.channels_last):
             self.module = self.module.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay, nesterov=config.nesterov)
-        self.state: dict[str, Any] = {"epochs_done": 0, "best_score": -1.0, "best_epoch": None, "history": []}
+        self.state: dict[str, Any] = {
+            "stage": 0, "finished": False,
+            "stages": [{"name": stage.name, "epochs_done": 0, "best_score": -1.0, "best_epoch": None, "history": []}
+                       for stage in self.stages]}
+        self.optimizer = self._optimizer(0)
         if resume and (self.run_dir / LAST).exists():
             self._load_last()
 
@@ -132,17 +171,50 @@ class Trainer:
             raise CheckpointError(f"{self.run_dir} already holds a run; pass --resume to continue it "
                                   f"or --force to start over")
         if force and exists and self.dist.is_main:
-            for name in (LAST, BEST, DEFENSE_JSON):
+            for index in range(len(self.stages)):
+                (self.run_dir / stage_best_file(self.stages, index)).unlink(missing_ok=True)
+            for name in (LAST, DEFENSE_JSON):
                 (self.run_dir / name).unlink(missing_ok=True)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not os.access(self.run_dir, os.W_OK):
                 raise CheckpointError(f"cannot write to {self.run_dir}; choose another --out")
 
+    def _load_base(self, base_dir: Path) -> LoadedRun:
+        if not run_finished(base_dir):
+            raise CheckpointError(f"{self.config.recipe} starts from a finished {self.config.base} run, and {base_dir} "
+                                  f"holds none; train it first (`robustserve train {self.config.base} --preset "
+                                  f"{self.config.preset}`) or point --set base_run=FOLDER at one")
+        base = load_run(base_dir)
+        if base.info["dataset"] != self.spec.name or base.info["classes"] != list(self.spec.class_names):
+            raise CheckpointError(f"the base run {base_dir} was trained on {base.info['dataset']}, not {self.spec.name}")
+        return base
+
+    def _trainable(self, index: int) -> list[nn.Module]:
+        stage = self.stages[index]
+        return list(stage.trainable(self.module)) if stage.trainable is not None else [self.module]
+
+    def _optimizer(self, index: int) -> torch.optim.Optimizer:
+        """SGD over the stage's trainable modules; every other parameter is frozen."""
+        cfg = self.config.for_stage(self.stages[index].name)
+        self.module.requires_grad_(False)
+        params: list[nn.Parameter] = []
+        for part in self._trainable(index):
+            part.requires_grad_(True)
+            params.extend(part.parameters())
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov)
+
+    def _train_mode(self, index: int) -> None:
+        """Frozen modules stay in eval mode: their BatchNorm statistics must not move either."""
+        self.module.eval()
+        for part in self._trainable(index):
+            part.train()
+
     def _load_last(self) -> None:
         tensors, state = load_tensors(self.run_dir / LAST)
-        if state is None or "config" not in state:
-            raise CheckpointError(f"{self.run_dir / LAST} carries no training state; start over with --force")
+        if state is None or "config" not in state or "stages" not in state:
+            raise CheckpointError(f"{self.run_dir / LAST} carries no training state of this version; start over with --force")
         saved = TrainConfig(**state["config"])
         # Everything but the length of training and where it runs must match to continue exactly.
         free = {"epochs", "device", "workers"}
@@ -154,8 +226,9 @@ class Trainer:
             self.module.load_state_dict(model_tensors(tensors, "model/"))
         except RuntimeError as err:
             raise CheckpointError(f"{self.run_dir / LAST} does not fit this model; start over with --force") from err
+        self.state = {k: state[k] for k in ("stage", "finished", "stages")}
+        self.optimizer = self._optimizer(self.state["stage"])
         load_optimizer_tensors(self.optimizer, tensors)
-        self.state = {k: state[k] for k in ("epochs_done", "best_score", "best_epoch", "history")}
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -164,13 +237,13 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _batches(self, generator: torch.Generator) -> DataLoader:
+    def _batches(self, config: TrainConfig, generator: torch.Generator) -> DataLoader:
         order = self.split.train[torch.randperm(len(self.split.train), generator=generator)]
         # Every rank takes the same global batches (the last partial one dropped) and its own slice
         # of each, so a DDP run sees exactly the batches of a single-process run.
-        size, world = self.config.batch_size, self.dist.world_size
+        size, world = config.batch_size, self.dist.world_size
         batches = [order[i:i + size][self.dist.rank::world].tolist() for i in range(0, len(order) - size + 1, size)]
-        return DataLoader(self.train_set, batch_sampler=batches, num_workers=self.config.workers)
+        return DataLoader(self.train_set, batch_sampler=batches, num_workers=config.workers)
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         return self.spec.augment(x, None) if self.spec.augment is not None else x
@@ -179,22 +252,26 @@ class Trainer:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self._on_cuda(self.config.channels_last) else x
 
-    def train_epoch(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
-        generator = seed_epoch(self.config.seed, epoch)
-        loader = self._batches(generator)
-        ctx = StepContext(model=model, module=self.module, config=self.config, augment=self._augment, epoch=epoch)
-        model.train()
+    def train_epoch(self, model: nn.Module, index: int, epoch: int) -> dict[str, float]:
+        stage = self.stages[index]
+        cfg = self.config.for_stage(stage.name)
+        # Each (stage, epoch) has its own seed, so a resumed run replays exactly what it missed.
+        generator = seed_epoch(self.config.seed, 1000 * index + epoch)
+        loader = self._batches(cfg, generator)
+        ctx = StepContext(model=model, module=self.module, config=cfg, augment=self._augment, epoch=epoch)
+        self._train_mode(index)
         seen = correct = 0
         loss_sum = 0.0
-        bar = tqdm(loader, desc=f"{self.config.recipe} epoch {epoch + 1}/{self.config.epochs}",
+        label = f"{self.config.recipe}/{stage.name}" if len(self.stages) > 1 else self.config.recipe
+        bar = tqdm(loader, desc=f"{label} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not self.progress, leave=False, file=sys.stderr, dynamic_ncols=True,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
         for step, (x, y) in enumerate(bar):
             for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate(self.config, epoch + step / len(loader))
+                group["lr"] = learning_rate(cfg, epoch + step / len(loader))
             x, y = self._to_device(x), y.to(self.device)
             with self._autocast():
-                loss, logits = self.recipe.loss(ctx, x, y)
+                loss, logits = stage.loss(ctx, x, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -205,55 +282,90 @@ class Trainer:
         bar.close()
         return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
 
-    def validate(self) -> dict[str, float]:
-        """Clean and PGD accuracy on the held-out training images."""
+    def validate(self, index: int) -> dict[str, float]:
+        """Clean and PGD accuracy of the stage's serving mode on the held-out training images."""
         cfg = self.config
+        modes = self.recipe.modes(self.module)
+        mode = modes[self.stages[index].validate_mode or next(iter(modes))].module
         torch.manual_seed(cfg.seed)  # the same PGD starts every epoch, so epochs compare fairly
         with self._autocast():
-            attack = PGD(self.module, eps=cfg.eps, steps=cfg.val_attack_steps)
+            attack = PGD(mode, eps=cfg.eps, steps=cfg.val_attack_steps)
             x_adv = attack(self.val_x, self.val_y)
-            return {"val_clean_acc": accuracy(self.module, self.val_x, self.val_y),
-                    "val_robust_acc": accuracy(self.module, x_adv, self.val_y)}
+            return {"val_clean_acc": accuracy(mode, self.val_x, self.val_y),
+                    "val_robust_acc": accuracy(mode, x_adv, self.val_y)}
 
-    def _score(self, metrics: dict[str, float]) -> float:
-        return metrics["val_robust_acc" if self.config.select_by == "robust" else "val_clean_acc"]
+    @staticmethod
+    def _score(config: TrainConfig, metrics: dict[str, float]) -> float:
+        return metrics["val_clean_acc" if config.select_by == "clean" else "val_robust_acc"]
 
-    def _save(self, metrics: dict[str, float], improved: bool) -> None:
+    def _save(self, index: int, improved: bool) -> None:
         weights = self.module.state_dict()
         state = {**self.state, "config": asdict(self.config)}
         prefixed = {f"model/{k}": v for k, v in weights.items()}
-        save_tensors(self.run_dir / LAST, {**prefixed, **optimizer_tensors(self.optimizer)}, state)
         if improved:
-            save_tensors(self.run_dir / BEST, weights, state)
-        write_json(self.run_dir / DEFENSE_JSON, defense_info(self.recipe, self.config, self.spec, self.state))
+            save_tensors(self.run_dir / stage_best_file(self.stages, index), weights, state)
+        save_tensors(self.run_dir / LAST, {**prefixed, **optimizer_tensors(self.optimizer)}, state)
+        self._write_defense_json()
+
+    def _write_defense_json(self) -> None:
+        write_json(self.run_dir / DEFENSE_JSON,
+                   defense_info(self.recipe, self.config, self.spec, self.state, self.stages, self.base))
+
+    def _start_stage(self, index: int) -> None:
+        """A stage begins from the best weights of the stage before it, with a fresh optimiser."""
+        if index > 0 and self.state["stages"][index]["epochs_done"] == 0:
+            tensors, _ = load_tensors(self.run_dir / stage_best_file(self.stages, index - 1))
+            self.module.load_state_dict(tensors)
+        if index != self.state["stage"] or not self.optimizer.param_groups[0]["params"]:
+            self.optimizer = self._optimizer(index)
+        self.state["stage"] = index
 
     def fit(self) -> Path:
-        start_epoch = self.state["epochs_done"]
-        if start_epoch >= self.config.epochs:
-            self._log(f"{self.run_dir}: already trained for {start_epoch} epochs; nothing to do")
+        if self.state["finished"]:
+            self._log(f"{self.run_dir}: already trained; nothing to do")
             return self.run_dir
-        model: torch.nn.Module = self.module
+        for index in range(self.state["stage"], len(self.stages)):
+            self._start_stage(index)
+            self._fit_stage(index)
+        self._finish()
+        return self.run_dir
+
+    def _fit_stage(self, index: int) -> None:
+        stage, record = self.stages[index], self.state["stages"][index]
+        cfg = self.config.for_stage(stage.name)
+        model: nn.Module = self.module
         if self.dist.world_size > 1:
             model = DistributedDataParallel(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        for epoch in range(start_epoch, self.config.epochs):
+        prefix = f"[{stage.name}] " if len(self.stages) > 1 else ""
+        for epoch in range(record["epochs_done"], cfg.epochs):
             started = time.perf_counter()
-            metrics = self.train_epoch(model, epoch)
-            metrics.update(self.validate())
+            metrics = self.train_epoch(model, index, epoch)
+            metrics.update(self.validate(index))
             metrics["seconds"] = time.perf_counter() - started
-            improved = self._score(metrics) > self.state["best_score"]
+            # select_by "last": the paper serves its final weights (AFT-DRA ends on clean-only epochs).
+            improved = cfg.select_by == "last" or self._score(cfg, metrics) > record["best_score"]
             if improved:
-                self.state.update(best_score=self._score(metrics), best_epoch=epoch + 1)
-            self.state["history"].append({"epoch": epoch + 1, **metrics})
-            self.state["epochs_done"] = epoch + 1
+                record.update(best_score=self._score(cfg, metrics), best_epoch=epoch + 1)
+            record["history"].append({"epoch": epoch + 1, **metrics})
+            record["epochs_done"] = epoch + 1
             if self.dist.is_main:
-                self._save(metrics, improved)
-            self._log(f"epoch {epoch + 1}/{self.config.epochs}  loss {metrics['train_loss']:.4f}  "
+                self._save(index, improved)
+            self._log(f"{prefix}epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
                       f"train acc {metrics['train_acc']:.4f}  val clean {metrics['val_clean_acc']:.4f}  "
                       f"val PGD-{self.config.val_attack_steps} {metrics['val_robust_acc']:.4f}  "
                       f"({metrics['seconds']:.1f}s){'  *best' if improved else ''}")
         if self.dist.world_size > 1:
             self._check_ranks_agree()
-        return self.run_dir
+
+    def _finish(self) -> None:
+        """Load the served (best) weights, let the recipe write its artifacts, and mark the run finished."""
+        if self.dist.is_main:
+            tensors, _ = load_tensors(self.run_dir / BEST)
+            self.module.load_state_dict(tensors)
+            self.module.eval()
+            self.recipe.finish(self.module, self.run_dir, self.train_set, self.spec, self.config)
+            self.state["finished"] = True
+            self._write_defense_json()
 
     def _check_ranks_agree(self) -> None:
         digest = weights_digest(self.module)
@@ -269,8 +381,17 @@ class Trainer:
             print(message, flush=True)
 
 
-def defense_info(recipe: Recipe, config: TrainConfig, spec: DatasetSpec, state: dict[str, Any]) -> dict[str, Any]:
-    """The run's ``defense.json``: everything serving and evaluation need to rebuild and describe it."""
+def defense_info(recipe: Recipe, config: TrainConfig, spec: DatasetSpec, state: dict[str, Any],
+                 stages: list[Stage], base: LoadedRun | None) -> dict[str, Any]:
+    """The run's ``defense.json``: everything serving and evaluation need to rebuild and describe it.
+
+    ``stages`` lists the base run's stages first (marked with their ``run`` folder), so the
+    training time of a defense includes what it was built on.
+    """
+    base_stages = [{**stage, "run": str(base.run_dir)} for stage in base.info["stages"]] if base else []
+    own = [{"name": record["name"], "epochs_done": record["epochs_done"], "best_epoch": record["best_epoch"],
+            "trainable": "all" if stage.trainable is None else "part", "history": record["history"]}
+           for stage, record in zip(stages, state["stages"])]
     return {
         "defense": recipe.id,
         "description": recipe.description,
@@ -282,8 +403,10 @@ def defense_info(recipe: Recipe, config: TrainConfig, spec: DatasetSpec, state: 
         "preset": config.preset,
         "seed": config.seed,
         "threat_model": {"norm": "linf", "eps": config.eps},
-        "stages": [{"name": recipe.id, "epochs_done": state["epochs_done"], "best_epoch": state["best_epoch"],
-                    "history": state["history"]}],
+        "base": None if base is None else {"recipe": base.info["defense"], "run_dir": str(base.run_dir),
+                                           "weights_sha256": weights_digest(base.model)},
+        "stages": base_stages + own,
+        "finished": state["finished"],
         "serving_modes": list(recipe.serving_modes),
         "weights": BEST,
         "config": asdict(config),
@@ -308,7 +431,15 @@ def distributed_session(dist_info: Distributed) -> Iterator[None]:
 
 
 def train(config: TrainConfig, run_dir: Path | None = None, *, resume: bool = False, force: bool = False,
-          progress: bool = True) -> Path:
-    """Train ``config`` into ``run_dir`` (single process, or one rank under torchrun)."""
+          progress: bool = True, runs_root: Path = Path("runs")) -> Path:
+    """Train ``config`` into ``run_dir`` (single process, or one rank under torchrun).
+
+    A recipe that starts from a base run gets that run trained first (into its default folder
+    under ``runs_root``, resuming it if it was interrupted) unless ``config.base_run`` names one.
+    """
+    base, base_dir = base_config(config), resolve_base_run(config, runs_root)
+    if base is not None and base_dir is not None and config.base_run is None and not run_finished(base_dir):
+        print(f"== {config.recipe} starts from {config.base}: training it into {base_dir}", flush=True)
+        train(base, base_dir, resume=True, progress=progress, runs_root=runs_root)
     with distributed_session(Distributed.from_env()):
-        return Trainer(config, run_dir, resume=resume, force=force, progress=progress).fit()
+        return Trainer(config, run_dir, resume=resume, force=force, progress=progress, runs_root=runs_root).fit()

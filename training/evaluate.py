@@ -14,10 +14,13 @@ seed ``SUBSET_SEED`` (0), whatever the attack ``seed``: every run of a dataset i
 same images, and a smaller ``n`` (or ``autoattack_n``) is a prefix of a larger one, so per-image
 results of different measures line up.
 
-Each row of ``results`` is ``{"mode", "attack", "label", "eps", "accuracy", "n", "seconds",
-"robust", "describe", "settings"}`` (``robust``: counts towards ``worst_case``). ``mode`` is the serving mode the model was attacked in; only ``"default"`` (the plain
-network) exists so far. Serving modes and adaptive attacks are added by extending ``MEASURES`` and
-``serving_models`` rather than by editing ``evaluate_run``.
+Every serving mode of the defense (``Recipe.modes``) is evaluated: clean, PGD-k and AutoAttack on
+the mode itself, plus PGD-k and APGD-CE crafted on each of the mode's attack surfaces (the adaptive
+attacks that see its inference-time step: DUCAT's merged class scores, each DH-AT head, THAT's
+classifier head and soft kNN vote) and judged by the mode. Each row of ``results`` is ``{"mode",
+"attack", "label", "eps", "accuracy", "n", "seconds", "robust", "describe", "settings"}``
+(``robust``: counts towards the mode's ``worst_case``); ``worst_case`` maps each mode to its lowest
+robust accuracy and the attack that reached it.
 """
 
 from __future__ import annotations
@@ -39,19 +42,23 @@ from .attacks.attacks import PGD, AutoAttackStandard, correct_flags
 from .checkpoint import BEST, atomic_write, write_json
 from .data import load_dataset
 from .errors import ConfigError
-from .runs import LoadedRun, load_run
+from .runs import load_run
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 CURVES_PNG = "curves.png"
 SUBSET_SEED = 0
-DEFAULT_MODE = "default"
 # pyautoattack's versions and the attacks each runs (for the report; pyautoattack picks them).
 AUTOATTACK_VERSIONS = {
     "standard": "APGD-CE, APGD-T, FAB-T, Square",
     "plus": "APGD-CE, APGD-DLR, FAB, Square, APGD-T, FAB-T",
     "rand": "APGD-CE, APGD-DLR with EOT",
+    # The two attacks that decide AutoAttack's number in practice: on the quick baselines FAB-T and
+    # Square (~85% of standard AA's time on CPU) did not change one prediction (session notes in
+    # RESULTS.md). `robustserve eval` defaults to standard; `robustserve run` uses this on 2 cores.
+    "fast": "APGD-CE, APGD-T",
 }
+CUSTOM_VERSIONS = {"fast"}  # run as pyautoattack's version="custom" with the listed attacks
 SWEEP_FRACTIONS = (0.0, 0.5, 1.0, 1.5, 2.0)  # default sweep, in units of the nominal eps
 
 
@@ -75,10 +82,11 @@ class EvalSettings:
 
 @dataclass
 class EvalContext:
-    """What a measure sees: one model (in one serving mode) and the evaluation images."""
+    """What a measure sees: one serving mode and the evaluation images."""
 
     mode: str
-    model: nn.Module
+    model: nn.Module  # the mode's module: its argmax is the served prediction, and it judges every attack
+    surfaces: dict[str, nn.Module]  # the mode's adaptive attack surfaces (see recipes.ServingMode)
     x: torch.Tensor  # the test subset, pixels in [0, 1], on the CPU (attacks move batches)
     y: torch.Tensor
     settings: EvalSettings
@@ -86,72 +94,90 @@ class EvalContext:
 
 @dataclass
 class Outcome:
-    """A measure's result: which images it left correctly classified, and how it was configured."""
+    """One attack's result: which images it left correctly classified, and how it was configured."""
 
+    attack: str  # the "attack" field of a result row: "pgd", "autoattack", "pgd@merged", ...
     correct: torch.Tensor  # bool, one per attacked image (a prefix of the subset)
     eps: float
-    label: str  # short name for tables: "clean", "PGD-20", "AutoAttack"
+    label: str  # short name for tables: "clean", "PGD-20", "AutoAttack", "APGD-CE via merged"
     describe: str  # the attack settings in words, for report.md
     settings: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class Measure:
-    attack: str  # the "attack" field of a result row
-    robust: bool  # an attack at the nominal eps: counts towards the worst case
-    run: Callable[[EvalContext], Outcome | None]  # None: not applicable with these settings
+    robust: bool  # attacks at the nominal eps: they count towards the worst case
+    run: Callable[[EvalContext], list[Outcome]]  # empty: not applicable with these settings
 
 
-def _pgd_outcome(ctx: EvalContext, eps: float, steps: int, restarts: int) -> Outcome:
-    """PGD-``steps`` with Madry's random start and step 2.5 eps / steps (``PGD``'s default)."""
+def _pgd_outcome(ctx: EvalContext, eps: float, steps: int, restarts: int, surface: str | None = None) -> Outcome:
+    """PGD-``steps`` with Madry's random start and step 2.5 eps / steps (``PGD``'s default),
+    crafted on the mode itself or on one of its attack surfaces, judged by the mode."""
     s = ctx.settings
     # Re-seed per call: each measure's random starts do not depend on which measures ran before.
     torch.manual_seed(s.seed)
-    attack = PGD(ctx.model, eps=eps, steps=steps, norm=s.norm, restarts=restarts, batch_size=s.batch_size)
+    attack = PGD(ctx.surfaces[surface] if surface else ctx.model, eps=eps, steps=steps, norm=s.norm,
+                 restarts=restarts, batch_size=s.batch_size)
     x_adv = attack(ctx.x, ctx.y) if eps > 0 else ctx.x  # eps 0 leaves nothing to attack
     correct = correct_flags(ctx.model, x_adv, ctx.y, s.batch_size)
     settings = {"norm": s.norm, "steps": steps, "step_size": attack.step_size, "restarts": restarts,
-                "objective": "ce", "random_start": True}
+                "objective": "ce", "random_start": True, "surface": surface}
     describe = (f"{s.norm.capitalize()} eps {eps:g}, {steps} steps of {attack.step_size:.4g}, "
-                f"{restarts} restart{'s' if restarts != 1 else ''}, CE")
-    return Outcome(correct, eps, f"PGD-{steps}", describe, settings)
+                f"{restarts} restart{'s' if restarts != 1 else ''}, CE"
+                + (f", crafted on `{surface}`" if surface else ""))
+    label = f"PGD-{steps}" + (f" via {surface}" if surface else "")
+    return Outcome("pgd" + (f"@{surface}" if surface else ""), correct, eps, label, describe, settings)
 
 
-def _clean(ctx: EvalContext) -> Outcome:
-    return Outcome(correct_flags(ctx.model, ctx.x, ctx.y, ctx.settings.batch_size), 0.0, "clean", "-", {})
+def _clean(ctx: EvalContext) -> list[Outcome]:
+    return [Outcome("clean", correct_flags(ctx.model, ctx.x, ctx.y, ctx.settings.batch_size), 0.0, "clean", "-", {})]
 
 
-def _pgd(ctx: EvalContext) -> Outcome:
+def _pgd(ctx: EvalContext) -> list[Outcome]:
     s = ctx.settings
-    return _pgd_outcome(ctx, s.eps, s.pgd_steps, s.pgd_restarts)
+    return [_pgd_outcome(ctx, s.eps, s.pgd_steps, s.pgd_restarts)]
 
 
-def _autoattack(ctx: EvalContext) -> Outcome | None:
+def _autoattack(ctx: EvalContext) -> list[Outcome]:
     s = ctx.settings
     if s.autoattack_n == 0:
-        return None
+        return []
     x, y = ctx.x[:s.autoattack_n], ctx.y[:s.autoattack_n]
-    attack = AutoAttackStandard(ctx.model, eps=s.eps, norm=s.norm, seed=s.seed, version=s.autoattack_version,
-                                batch_size=s.batch_size)
-    correct = correct_flags(ctx.model, attack(x, y), y, s.batch_size)
     attacks = AUTOATTACK_VERSIONS[s.autoattack_version]
+    custom = [a.strip().lower() for a in attacks.split(",")] if s.autoattack_version in CUSTOM_VERSIONS else None
+    attack = AutoAttackStandard(ctx.model, eps=s.eps, norm=s.norm, seed=s.seed, version=s.autoattack_version,
+                                attacks=custom, batch_size=s.batch_size)
+    correct = correct_flags(ctx.model, attack(x, y), y, s.batch_size)
     settings = {"norm": s.norm, "version": s.autoattack_version, "attacks": attacks, "seed": s.seed}
     describe = f"{s.autoattack_version} ({attacks}), {s.norm.capitalize()} eps {s.eps:g}, seed {s.seed}"
-    return Outcome(correct, s.eps, "AutoAttack", describe, settings)
+    return [Outcome("autoattack", correct, s.eps, "AutoAttack", describe, settings)]
 
 
-# The measures, in report order. Adaptive attacks (BPDA, EOT, ...) are further entries here.
+def _adaptive(ctx: EvalContext) -> list[Outcome]:
+    """PGD (on ``n`` images) and APGD-CE (on ``autoattack_n``) through each attack surface of the mode."""
+    s = ctx.settings
+    outcomes = []
+    for surface, module in ctx.surfaces.items():
+        outcomes.append(_pgd_outcome(ctx, s.eps, s.pgd_steps, s.pgd_restarts, surface))
+        if s.autoattack_n == 0:
+            continue
+        x, y = ctx.x[:s.autoattack_n], ctx.y[:s.autoattack_n]
+        apgd = AutoAttackStandard(module, eps=s.eps, norm=s.norm, seed=s.seed, attacks=["apgd-ce"],
+                                  batch_size=s.batch_size)
+        correct = correct_flags(ctx.model, apgd(x, y), y, s.batch_size)
+        outcomes.append(Outcome(f"apgd-ce@{surface}", correct, s.eps, f"APGD-CE via {surface}",
+                                f"pyautoattack APGD-CE (100 iterations), {s.norm.capitalize()} eps {s.eps:g}, "
+                                f"crafted on `{surface}`", {"norm": s.norm, "surface": surface, "seed": s.seed}))
+    return outcomes
+
+
+# The measures, in report order.
 MEASURES: list[Measure] = [
-    Measure("clean", robust=False, run=_clean),
-    Measure("pgd", robust=True, run=_pgd),
-    Measure("autoattack", robust=True, run=_autoattack),
+    Measure(robust=False, run=_clean),
+    Measure(robust=True, run=_pgd),
+    Measure(robust=True, run=_autoattack),
+    Measure(robust=True, run=_adaptive),
 ]
-
-
-def serving_models(run: LoadedRun) -> dict[str, nn.Module]:
-    """The model to attack in each serving mode. Only the plain network so far; the serving modes
-    of ``defense.json`` (and what "attacking a mode" means for each) come with their issue."""
-    return {DEFAULT_MODE: run.model}
 
 
 def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
@@ -185,7 +211,7 @@ def train_seconds(info: dict[str, Any]) -> float:
 
 
 def worst_case(results: Sequence[dict[str, Any]], eps: float, flags: dict[int, torch.Tensor],
-               mode: str = DEFAULT_MODE) -> dict[str, Any] | None:
+               mode: str) -> dict[str, Any] | None:
     """The lowest robust accuracy at the nominal ``eps`` in ``mode`` and the attack that reached it.
 
     ``per_image`` is stricter: an image counts only if it survives every attack, on the images that
@@ -252,18 +278,18 @@ def evaluate_run(
     results: list[dict[str, Any]] = []
     flags: dict[int, torch.Tensor] = {}
     sweep_rows: list[dict[str, Any]] = []
-    for mode, model in serving_models(run).items():
-        ctx = EvalContext(mode, model, x, y, settings)
+    modes = run.modes()
+    for mode, serving_mode in modes.items():
+        ctx = EvalContext(mode, serving_mode.module, serving_mode.attack_surfaces, x, y, settings)
         for measure in MEASURES:
-            outcome, seconds = _timed(measure.run, ctx)
-            if outcome is None:
-                continue
-            flags[len(results)] = outcome.correct
-            results.append({"mode": mode, "attack": measure.attack, "label": outcome.label, "eps": outcome.eps,
-                            "robust": measure.robust, "accuracy": _accuracy(outcome.correct),
-                            "n": int(outcome.correct.numel()), "seconds": seconds,
-                            "describe": outcome.describe, "settings": outcome.settings})
-        if mode == DEFAULT_MODE:
+            outcomes, seconds = _timed(measure.run, ctx)
+            for outcome in outcomes:
+                flags[len(results)] = outcome.correct
+                results.append({"mode": mode, "attack": outcome.attack, "label": outcome.label, "eps": outcome.eps,
+                                "robust": measure.robust, "accuracy": _accuracy(outcome.correct),
+                                "n": int(outcome.correct.numel()), "seconds": seconds / len(outcomes),
+                                "describe": outcome.describe, "settings": outcome.settings})
+        if mode == next(iter(modes)):  # the sweep is for the first (primary) mode
             for point in settings.sweep:
                 outcome, seconds = _timed(_pgd_outcome, ctx, point, sweep_steps, 1)
                 sweep_rows.append({"mode": mode, "eps": point, "accuracy": _accuracy(outcome.correct),
@@ -281,7 +307,8 @@ def evaluate_run(
                      "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         "results": results,
         "sweep": sweep_rows,
-        "worst_case": worst_case(results, eps, flags),
+        "modes": {mode: serving_mode.description for mode, serving_mode in modes.items()},
+        "worst_case": {mode: worst_case(results, eps, flags, mode) for mode in modes},
     }
     report["settings"]["seconds"] = time.perf_counter() - started
     run_path = Path(run_dir)
@@ -291,8 +318,9 @@ def evaluate_run(
     return report
 
 
-def current_report(run_dir: str | Path, *, n: int, autoattack_n: int | None) -> dict[str, Any] | None:
-    """The run's ``report.json`` when it was made with these sizes from the current best weights, else None."""
+def current_report(run_dir: str | Path, *, n: int, autoattack_n: int | None,
+                   autoattack_version: str = "standard") -> dict[str, Any] | None:
+    """The run's ``report.json`` when it was made with these settings from the current best weights, else None."""
     run_path = Path(run_dir)
     report_path, weights = run_path / REPORT_JSON, run_path / BEST
     if not report_path.is_file() or not weights.is_file() or report_path.stat().st_mtime < weights.stat().st_mtime:
@@ -300,7 +328,8 @@ def current_report(run_dir: str | Path, *, n: int, autoattack_n: int | None) -> 
     report = json.loads(report_path.read_text())
     settings = report.get("settings", {})
     wanted_aa = n if autoattack_n is None else autoattack_n
-    if settings.get("n_requested") != n or settings.get("autoattack_n") != min(wanted_aa, settings.get("n", 0)):
+    if settings.get("n_requested") != n or settings.get("autoattack_n") != min(wanted_aa, settings.get("n", 0)) \
+            or settings.get("autoattack_version") != autoattack_version or "modes" not in report:
         return None
     return report
 
@@ -323,78 +352,99 @@ def _title(report: dict[str, Any]) -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """``report.md``: one table row per measure, the worst case, and the sweep."""
+    """``report.md``: per serving mode one table row per attack and the mode's worst case; then the sweep."""
     s, run = report["settings"], report["run"]
     lines = [
         f"# Evaluation: {_title(report)}",
         "",
         f"Run `{run['run_dir']}` ({run['weights']} weights, preset {run['preset']}), threat model "
         f"{s['norm']} eps {s['eps']:g}; {s['n']} of {s['test_size']} test images ({s['subset']}); "
-        f"device {s['device']}, seed {s['seed']}, {s['evaluated_at']}.",
-        "",
-        "| measure | attack settings | accuracy % | images | seconds |",
-        "|---|---|---:|---:|---:|",
+        f"device {s['device']}, seed {s['seed']}, {s['evaluated_at']}. Attacks \"via X\" are crafted on the "
+        f"attack surface X and judged by the served mode.",
     ]
-    for row in report["results"]:
-        label = row["label"] if row["mode"] == DEFAULT_MODE else f"{row['label']} [{row['mode']}]"
-        lines.append(f"| {label} | {row['describe']} | {_pct(row['accuracy'])} | {row['n']} | {row['seconds']:.1f} |")
-    worst = report["worst_case"]
-    if worst is not None:
-        per_image = worst["per_image"]
-        lines += ["", f"**Worst case at eps {worst['eps']:g}: {_pct(worst['accuracy'])} % ({worst['label']}, "
-                      f"{worst['n']} images).** Per image (robust only if every attack fails) on the "
-                      f"{per_image['n']} images all attacks ran on: {_pct(per_image['accuracy'])} %."]
+    for mode, description in report["modes"].items():
+        lines += ["", f"## mode `{mode}`: {description}", "",
+                  "| measure | attack settings | accuracy % | images | seconds |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {row['label']} | {row['describe']} | {_pct(row['accuracy'])} | {row['n']} | {row['seconds']:.1f} |"
+                  for row in report["results"] if row["mode"] == mode]
+        worst = report["worst_case"][mode]
+        if worst is not None:
+            per_image = worst["per_image"]
+            lines += ["", f"**Worst case at eps {worst['eps']:g}: {_pct(worst['accuracy'])} % ({worst['label']}, "
+                          f"{worst['n']} images).** Per image (robust only if every attack fails) on the "
+                          f"{per_image['n']} images all attacks ran on: {_pct(per_image['accuracy'])} %."]
     if report["sweep"]:
-        lines += ["", f"## eps sweep (PGD-{s['sweep_steps']}, {s['n']} images)", "",
-                  "| eps | accuracy % | seconds |", "|---:|---:|---:|"]
+        lines += ["", f"## eps sweep, mode `{report['sweep'][0]['mode']}` (PGD-{s['sweep_steps']}, {s['n']} images)",
+                  "", "| eps | accuracy % | seconds |", "|---:|---:|---:|"]
         lines += [f"| {row['eps']:.4g} | {_pct(row['accuracy'])} | {row['seconds']:.1f} |" for row in report["sweep"]]
     return "\n".join(lines) + "\n"
 
 
+def primary_mode(report: dict[str, Any]) -> str:
+    """The first serving mode: the one the sweep and the curves are for."""
+    return next(iter(report["modes"]))
+
+
 def plot_curves(report: dict[str, Any], path: Path) -> None:
-    """``curves.png``: sweep accuracy against eps, the attacks at the nominal eps as markers."""
+    """``curves.png``: sweep accuracy against eps, the attacks at the nominal eps as markers (primary mode)."""
     # A bare Figure on the Agg canvas: no pyplot, so no global backend or figure state is touched.
     fig = Figure(figsize=(6.4, 4.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    s = report["settings"]
-    sweep = [row for row in report["sweep"] if row["mode"] == DEFAULT_MODE]
+    s, mode = report["settings"], primary_mode(report)
+    sweep = report["sweep"]
     if sweep:
         ax.plot([row["eps"] for row in sweep], [100 * row["accuracy"] for row in sweep], marker="o",
                 label=f"PGD-{s['sweep_steps']} sweep ({s['n']} images)")
-    attacks = [r for r in report["results"] if r["robust"] and r["mode"] == DEFAULT_MODE]
-    for index, (row, marker) in enumerate(zip(attacks, "s*^vDP")):
-        ax.scatter([row["eps"]], [100 * row["accuracy"]], marker=marker, s=90, zorder=3, color=f"C{index + 1}",
-                   label=f"{row['label']} ({row['n']} images)")
+    attacks = [r for r in report["results"] if r["robust"] and r["mode"] == mode]
+    for index, row in enumerate(attacks):
+        ax.scatter([row["eps"]], [100 * row["accuracy"]], marker="s*^vDPXhp<>"[index % 11], s=90, zorder=3,
+                   color=f"C{index + 1}", label=f"{row['label']} ({row['n']} images)")
     ax.axvline(s["eps"], color="grey", linestyle=":", linewidth=1, label=f"nominal eps {s['eps']:g}")
     ax.set_xlabel(f"eps ({s['norm']}, pixels in [0, 1])")
     ax.set_ylabel("accuracy %")
     ax.set_ylim(-2, 102)
-    ax.set_title(_title(report))
+    ax.set_title(f"{_title(report)} [{mode}]")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
-def _row(report: dict[str, Any], attack: str) -> dict[str, Any] | None:
-    return next((r for r in report["results"] if r["attack"] == attack and r["mode"] == DEFAULT_MODE), None)
+def _rows(report: dict[str, Any], mode: str) -> list[dict[str, Any]]:
+    return [r for r in report["results"] if r["mode"] == mode]
 
 
-def format_results_table(reports: Sequence[dict[str, Any]]) -> str:
-    """A markdown table comparing runs: one row per report (as returned by ``evaluate_run``)."""
-    pgd_labels = {row["label"] for row in map(lambda r: _row(r, "pgd"), reports) if row is not None}
-    pgd_header = pgd_labels.pop() if len(pgd_labels) == 1 else "PGD"  # mixed step counts: say so per cell
-    lines = [f"| defense | arch | clean % | {pgd_header} % | AutoAttack % | worst case % | train time |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+def _cell(rows: list[dict[str, Any]], attack: str) -> str:
+    row = next((r for r in rows if r["attack"] == attack), None)
+    return _pct(row and row["accuracy"])
+
+
+def format_results_table(reports: Sequence[dict[str, Any]], references: dict[str, str] | None = None) -> str:
+    """A markdown table comparing runs: one row per serving mode of each report (as returned by
+    ``evaluate_run``). ``adaptive`` is the lowest accuracy among the attacks crafted on a mode's
+    attack surfaces; ``worst case`` the lowest over every attack at the nominal eps.
+    ``references`` maps a defense id to its paper's own numbers (a column of their figures)."""
+    pgd_labels = {r["label"] for report in reports for r in report["results"] if r["attack"] == "pgd"}
+    pgd_header = pgd_labels.pop() if len(pgd_labels) == 1 else "PGD"
+    header = f"| defense | mode | arch | clean % | {pgd_header} % | AutoAttack % | adaptive % | worst case % | train time |"
+    rule = "|---|---|---|---:|---:|---:|---:|---:|---:|"
+    if references is not None:
+        header += " paper's own CIFAR-10 numbers (theirs, not measured here) |"
+        rule += "---|"
+    lines = [header, rule]
     for report in reports:
         run = report["run"]
-        clean, pgd, aa = (_row(report, attack) for attack in ("clean", "pgd", "autoattack"))
-        pgd_cell = _pct(pgd and pgd["accuracy"])
-        if pgd is not None and pgd_header == "PGD":
-            pgd_cell += f" ({pgd['label']})"
-        worst = report.get("worst_case")
-        lines.append(f"| {run['defense']} | {run['architecture']} | {_pct(clean and clean['accuracy'])} | "
-                     f"{pgd_cell} | {_pct(aa and aa['accuracy'])} | {_pct(worst and worst['accuracy'])} | "
-                     f"{_duration(run['train_seconds'])} |")
+        for mode in report["modes"]:
+            rows = _rows(report, mode)
+            adaptive = [r for r in rows if "@" in r["attack"]]
+            weakest = min(adaptive, key=lambda r: r["accuracy"]) if adaptive else None
+            adaptive_cell = f"{_pct(weakest['accuracy'])} ({weakest['label']})" if weakest else "-"
+            worst = report["worst_case"][mode]
+            line = (f"| {run['defense']} | {mode} | {run['architecture']} | {_cell(rows, 'clean')} | {_cell(rows, 'pgd')} | "
+                    f"{_cell(rows, 'autoattack')} | {adaptive_cell} | {_pct(worst and worst['accuracy'])} | "
+                    f"{_duration(run['train_seconds'])} |")
+            if references is not None:
+                line += f" {references.get(run['defense'], '-') if mode == primary_mode(report) else ''} |"
+            lines.append(line)
     return "\n".join(lines) + "\n"

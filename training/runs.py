@@ -7,23 +7,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .checkpoint import BEST, LAST, CheckpointError, load_tensors, model_tensors, read_defense_json
 from .config import TrainConfig
 from .data import DatasetSpec
-from .models import StagedNet
-from .recipes import get_recipe
+from .recipes import ServingMode, get_recipe
 
 
 @dataclass
 class LoadedRun:
     run_dir: Path
     info: dict[str, Any]  # defense.json
-    model: StagedNet  # in eval mode
+    model: nn.Module  # the recipe's trained module, in eval mode
 
     @property
     def spec(self) -> DatasetSpec:
         return spec_from_info(self.info)
+
+    def modes(self) -> dict[str, ServingMode]:
+        """The run's serving modes, with any artifacts (memory bank, class pairing) from its folder."""
+        return get_recipe(self.info["defense"]).modes(self.model, self.run_dir)
 
 
 def spec_from_info(info: dict[str, Any]) -> DatasetSpec:

@@ -64,6 +64,11 @@ def _dlr(logits: torch.Tensor, y: torch.Tensor, clean_logits: torch.Tensor | Non
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 OBJECTIVES: dict[str, Objective] = {"ce": _ce, "kl": _kl_to_clean, "margin": _margin, "dlr": _dlr}
 
+
+def objective_function(objective: str | Objective) -> Objective:
+    """A named objective, or a recipe's own per-sample callable (ACT maximises its L_G)."""
+    return objective if callable(objective) else OBJECTIVES[objective]
+
 # ----------------------------------------------------------------------------------------------
 # Threat models
 
@@ -129,7 +134,8 @@ def attack_mode(model: nn.Module, bn_mode: BNMode = "eval") -> Iterator[None]:
     ``train``: BatchNorm uses batch statistics (Madry et al.'s PGD-AT); the running statistics are
     snapshotted and restored so the attack's many forward passes do not drift them.
     """
-    was_training = model.training
+    # Per module: a training stage may keep frozen parts in eval mode inside a model in train mode.
+    was_training = {module: module.training for module in model.modules()}
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     if bn_mode == "eval":
         model.eval()
@@ -144,7 +150,8 @@ def attack_mode(model: nn.Module, bn_mode: BNMode = "eval") -> Iterator[None]:
         with torch.no_grad():
             for buf, value in saved:
                 buf.copy_(value)
-        model.train(was_training)
+        for module, training in was_training.items():
+            module.training = training
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +176,7 @@ def perturb(
     step_size: float,
     steps: int,
     threat: str = "linf",
-    objective: str = "ce",
+    objective: str | Objective = "ce",
     start: str = "uniform",
     targeted: bool = False,
     clean_logits: torch.Tensor | None = None,
@@ -180,7 +187,7 @@ def perturb(
     targets and the objective is minimised. ``x_adv`` always stays in [0, 1].
     """
     threat_model = THREAT_MODELS[threat]
-    objective_fn = OBJECTIVES[objective]
+    objective_fn = objective_function(objective)
     signed_step = -step_size if targeted else step_size  # a targeted attack descends on the target's loss
     x = x.detach()
     x_adv = (x + threat_model.project(STARTS[start](threat_model, x, eps), eps)).clamp(0.0, 1.0)
@@ -201,7 +208,7 @@ def pgd(
     step_size: float,
     steps: int,
     threat: str = "linf",
-    objective: str = "ce",
+    objective: str | Objective = "ce",
     start: str = "uniform",
     restarts: int = 1,
     targeted: bool = False,
@@ -215,7 +222,7 @@ def pgd(
     """
     if eps < 0 or steps < 0 or restarts < 1:
         raise ValueError(f"need eps >= 0, steps >= 0, restarts >= 1 (got {eps}, {steps}, {restarts})")
-    objective_fn = OBJECTIVES[objective]
+    objective_fn = objective_function(objective)
     sign = -1.0 if targeted else 1.0
     with attack_mode(model, bn_mode):
         if objective == "kl" and clean_logits is None:

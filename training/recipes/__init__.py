@@ -1,6 +1,7 @@
 """Training recipes, one per defense or baseline, all in one registry."""
 
-from . import baselines  # noqa: F401  (registers the baseline recipes)
-from .base import RECIPES, Recipe, StepContext, get_recipe, register_recipe
+from . import act, aft_dra, baselines, dhat, ducat, that  # noqa: F401  (each registers its recipes)
+from .base import RECIPES, Recipe, ServingMode, SingleStageRecipe, Stage, StepContext, get_recipe, register_recipe
 
-__all__ = ["RECIPES", "Recipe", "StepContext", "get_recipe", "register_recipe"]
+__all__ = ["RECIPES", "Recipe", "ServingMode", "SingleStageRecipe", "Stage", "StepContext", "get_recipe",
+           "register_recipe"]

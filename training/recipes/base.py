@@ -4,9 +4,15 @@ A recipe is one defense (or baseline). It declares:
 
 * ``presets``: named settings for ``TrainConfig`` (``paper``: the values of its paper, on the
   paper's data and architecture; ``quick``: sized for two CPU cores on Fashion-MNIST, eps = 0.1),
-* ``serving_modes``: the named inference behaviours it exposes (DESIGN.md, "Serving modes"),
-* ``loss(ctx, x, y)``: the training objective on one batch, crafting whatever adversarial
-  examples it needs through ``ctx.attack`` (the shared PGD core).
+* ``bases``: the recipes whose finished run may start this one (DH-AT's main head is a ``trades``
+  run, AFT-DRA fine-tunes a ``natural`` run); ``TrainConfig.base`` picks one, ``initialize`` loads it,
+* ``stages(config)``: what is trained, in order. A stage names its loss, the sub-modules that
+  learn (everything else is frozen: no gradient, BatchNorm statistics fixed) and the serving mode
+  it is validated in. Per-stage hyper-parameters come from ``TrainConfig.stages[stage.name]``,
+* ``modes(model, run_dir)``: the serving modes (DESIGN.md, "Serving modes"), each a module from
+  pixels to scores whose argmax is the deployed prediction, plus the attack surfaces that an
+  adaptive attacker would use against that mode,
+* ``finish(...)``: artifacts made from the finished model (THAT's kNN memory bank).
 
 The training engine owns everything else: data, optimiser, schedule, validation, checkpoints.
 """
@@ -14,18 +20,24 @@ The training engine owns everything else: data, optimiser, schedule, validation,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..attacks.core import pgd
+from ..attacks.core import Objective, pgd
 from ..config import TrainConfig
 from ..data import DatasetSpec
-from ..models import StagedNet, build_model
 from ..errors import ConfigError
+from ..models import build_model
+
+if TYPE_CHECKING:
+    from ..runs import LoadedRun
+
+Loss = Callable[["StepContext", torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -33,17 +45,50 @@ class StepContext:
     """What a recipe sees during one training step."""
 
     model: nn.Module  # the model to train through (DDP-wrapped when distributed)
-    module: StagedNet  # the plain model: attacks run on it so DDP's gradient hooks stay untouched
-    config: TrainConfig
+    module: nn.Module  # the plain model: attacks run on it so DDP's gradient hooks stay untouched
+    config: TrainConfig  # the current stage's settings
     augment: Callable[[torch.Tensor], torch.Tensor]  # the dataset's training augmentation
-    epoch: int
+    epoch: int  # within the current stage
+    state: dict[str, Any] = field(default_factory=dict)  # recipe state that lives across steps (not checkpointed)
 
-    def attack(self, x: torch.Tensor, y: torch.Tensor, *, objective: str = "ce") -> torch.Tensor:
-        """The recipe's training adversary: Linf PGD with the config's eps, step and steps."""
+    def attack(self, x: torch.Tensor, y: torch.Tensor, *, objective: str | Objective = "ce",
+               target: nn.Module | None = None, clean_logits: torch.Tensor | None = None,
+               targeted: bool = False) -> torch.Tensor:
+        """The recipe's training adversary: Linf PGD with the config's eps, step and steps, on
+        ``target`` (default: the whole model). ``objective`` is a name or a per-sample callable
+        ``(logits, y, clean_logits) -> loss``; a targeted attack takes the targets as ``y``."""
         cfg = self.config
-        return pgd(self.module, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
-                   objective=objective, start="trades" if objective == "kl" else "uniform",
-                   bn_mode=cfg.attack_bn)  # type: ignore[arg-type]
+        return pgd(target if target is not None else self.module, x, y, eps=cfg.eps, step_size=cfg.step_size,
+                   steps=cfg.attack_steps, objective=objective, start="trades" if objective == "kl" else "uniform",
+                   clean_logits=clean_logits, targeted=targeted, bn_mode=cfg.attack_bn)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage of a recipe."""
+
+    name: str
+    loss: Loss
+    # The sub-modules that learn in this stage; None: the whole model. Everything else keeps its
+    # weights and its BatchNorm statistics (it runs in eval mode).
+    trainable: Callable[[nn.Module], Sequence[nn.Module]] | None = None
+    validate_mode: str | None = None  # the serving mode validated (and selected on); None: the first
+
+
+@dataclass
+class ServingMode:
+    """One inference behaviour of a trained defense.
+
+    ``module`` maps pixels in [0, 1] to scores whose argmax is the prediction the server returns
+    (class indices; DUCAT's ``raw`` mode has 2C of them). ``attack_surfaces`` are further modules an
+    adaptive attacker would differentiate through instead (DUCAT's merged class scores, one head of
+    DH-AT, THAT's classifier head or a soft kNN vote); examples crafted on a surface are judged by
+    ``module``. A surface's outputs take the same labels as ``module``'s.
+    """
+
+    module: nn.Module
+    description: str
+    attack_surfaces: dict[str, nn.Module] = field(default_factory=dict)
 
 
 class Recipe(ABC):
@@ -51,16 +96,55 @@ class Recipe(ABC):
     description: ClassVar[str]
     presets: ClassVar[dict[str, dict[str, Any]]]
     serving_modes: ClassVar[tuple[str, ...]] = ("default",)
+    bases: ClassVar[tuple[str, ...]] = ()  # recipes whose finished run may initialise this one
+    # The paper's own headline numbers (CIFAR-10), for RESULTS.md's reference column: theirs, not ours.
+    reference: ClassVar[str] = ""
 
     def config(self, preset: str, **overrides: Any) -> TrainConfig:
         """The ``TrainConfig`` of ``preset`` with ``overrides`` applied on top."""
         if preset not in self.presets:
             raise ConfigError(f"recipe {self.id!r} has no preset {preset!r}; presets: {', '.join(self.presets)}")
-        return TrainConfig(recipe=self.id, preset=preset).updated(self.presets[preset]).updated(overrides)
+        config = TrainConfig(recipe=self.id, preset=preset).updated(self.presets[preset]).updated(overrides)
+        if config.base is not None and config.base not in self.bases:
+            allowed = ", ".join(self.bases) if self.bases else "none (it trains from scratch)"
+            raise ConfigError(f"recipe {self.id!r} cannot start from a {config.base!r} run; bases: {allowed}")
+        if config.select_by not in ("robust", "clean", "last"):
+            raise ConfigError(f"select_by must be robust, clean or last, got {config.select_by!r}")
+        unknown = set(config.stages) - {stage.name for stage in self.stages(config)}
+        if unknown:
+            raise ConfigError(f"recipe {self.id!r} has no stage(s) {', '.join(sorted(unknown))}; stages: "
+                              f"{', '.join(stage.name for stage in self.stages(config))}")
+        return config
 
-    def build_model(self, spec: DatasetSpec, config: TrainConfig) -> StagedNet:
-        return build_model(config.arch or spec.default_architecture, num_classes=spec.num_classes,
+    def build_backbone(self, spec: DatasetSpec, config: TrainConfig, num_classes: int | None = None) -> nn.Module:
+        return build_model(config.arch or spec.default_architecture, num_classes=num_classes or spec.num_classes,
                            in_channels=spec.input_shape[0], mean=spec.mean, std=spec.std)
+
+    def build_model(self, spec: DatasetSpec, config: TrainConfig) -> nn.Module:
+        """The trained module (its ``state_dict`` is the checkpoint). Default: the plain backbone."""
+        return self.build_backbone(spec, config)
+
+    def initialize(self, model: nn.Module, base: LoadedRun, config: TrainConfig) -> None:
+        """Start ``model`` from a finished base run. Default: the base's weights, exactly."""
+        model.load_state_dict(base.model.state_dict())
+
+    @abstractmethod
+    def stages(self, config: TrainConfig) -> list[Stage]:
+        """The training stages, in order."""
+
+    def modes(self, model: nn.Module, run_dir: Path | None = None) -> dict[str, ServingMode]:
+        """The serving modes of a trained ``model`` (artifacts such as a memory bank come from ``run_dir``)."""
+        return {"default": ServingMode(model, "the network's logits")}
+
+    def finish(self, model: nn.Module, run_dir: Path, train_set: Any, spec: DatasetSpec, config: TrainConfig) -> None:
+        """Write artifacts derived from the best weights into ``run_dir`` (atomically). Default: none."""
+
+
+class SingleStageRecipe(Recipe):
+    """A recipe that trains the whole model with one loss (every baseline)."""
+
+    def stages(self, config: TrainConfig) -> list[Stage]:
+        return [Stage(self.id, self.loss)]
 
     @abstractmethod
     def loss(self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
