@@ -430,7 +430,7 @@ def format_results_table(reports: Sequence[dict[str, Any]], references: dict[str
     header = f"| defense | mode | arch | clean % | {pgd_header} % | AutoAttack % | adaptive % | worst case % | train time |"
     rule = "|---|---|---|---:|---:|---:|---:|---:|---:|"
     if references is not None:
-        header += " paper's own CIFAR-10 numbers (theirs, not measured here) |"
+        header += " the paper's own numbers (theirs, on its data and network; not measured here) |"
         rule += "---|"
     lines = [header, rule]
     for report in reports:

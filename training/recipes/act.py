@@ -61,7 +61,7 @@ def robust_objective(alpha: float) -> Objective:
 class ACT(SingleStageRecipe):
     id = "act"
     description = "Adversarial Concurrent Training: robust G and natural F trained together with mutual KL mimicry (G served)"
-    reference = "ResNet-18: clean 84.3, PGD-20 55.8, PGD-1000 53.6 (Table 2)"
+    reference = "ResNet-18, CIFAR-10: clean 84.3, PGD-20 55.8, PGD-1000 53.6 (Table 2)"
     presets: dict[str, dict[str, Any]] = {
         # Section 4.1: ResNet-18 on CIFAR-10, SGD momentum 0.9, 200 epochs, batch 128, lr 0.1 x 0.2 at
         # 60/120/150; PGD eps 0.031, step 0.007, K = 10; alpha = 0.9 (Section 4.2). The paper does

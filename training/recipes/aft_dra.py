@@ -39,7 +39,7 @@ class AFTDRA(SingleStageRecipe):
     id = "aft_dra"
     description = "Adversarial fine-tuning of a clean model on 1:1 clean + DRA samples (eps decayed, clean-only at the end)"
     bases = ("natural",)
-    reference = "ResNet-18: clean 92.4, PGD eps 2/255 60.4, eps 8/255 8.5 (Table IV)"
+    reference = "ResNet-18, CIFAR-10: clean 92.4, PGD eps 2/255 60.4, eps 8/255 8.5 (Table IV)"
     presets: dict[str, dict[str, Any]] = {
         # Section IV-A, CIFAR-10: 60 epochs of fine-tuning, T = 5, eps 2 -> 0.5 over the first 50,
         # clean-only for the last 10; batch 128, SGD momentum 0.9, weight decay 2e-4; backbone

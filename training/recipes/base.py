@@ -97,7 +97,7 @@ class Recipe(ABC):
     presets: ClassVar[dict[str, dict[str, Any]]]
     serving_modes: ClassVar[tuple[str, ...]] = ("default",)
     bases: ClassVar[tuple[str, ...]] = ()  # recipes whose finished run may initialise this one
-    # The paper's own headline numbers (CIFAR-10), for RESULTS.md's reference column: theirs, not ours.
+    # The paper's own headline numbers (CIFAR-10 where it has them), for RESULTS.md's reference column: theirs, not ours.
     reference: ClassVar[str] = ""
 
     def config(self, preset: str, **overrides: Any) -> TrainConfig:

@@ -31,7 +31,7 @@ QUICK: dict[str, Any] = {
 class Natural(SingleStageRecipe):
     id = "natural"
     description = "standard training on clean images (no adversary)"
-    reference = "ResNet-18: clean 93.1, PGD eps 8/255 5.8 (AFT-DRA paper, Table IV)"
+    reference = "ResNet-18, CIFAR-10: clean 93.1, PGD eps 8/255 5.8 (AFT-DRA paper, Table IV)"
     presets = {
         "paper": {"dataset": "cifar10", "arch": "preactresnet18", "epochs": 200, "lr": 0.1, "weight_decay": 5e-4,
                   "milestones": [100, 150], "batch_size": 128, "eps": 8 / 255, "step_size": 2 / 255},
@@ -47,7 +47,7 @@ class Natural(SingleStageRecipe):
 class PGDAT(SingleStageRecipe):
     id = "pgd_at"
     description = "Madry et al. 2018: train on PGD adversarial examples (Rice et al. 2020's PreActResNet-18 setup)"
-    reference = "ResNet-18: clean 85.1, PGD-20 50.5 (ACT paper, Table 2)"
+    reference = "ResNet-18, CIFAR-10: clean 85.1, PGD-20 50.5 (ACT paper, Table 2)"
     presets = {
         # Rice et al.'s widely used PyTorch setup of Madry's method; BN in train mode during the attack as there.
         "paper": {**CIFAR_EPS, "arch": "preactresnet18", "epochs": 200, "lr": 0.1, "weight_decay": 5e-4,
@@ -65,7 +65,7 @@ class PGDAT(SingleStageRecipe):
 class TRADES(SingleStageRecipe):
     id = "trades"
     description = "Zhang et al. 2019: CE on clean + beta * KL(clean || adversarial), adversary maximises the KL"
-    reference = "ResNet-18, 1/lambda 5: clean 83.5, PGD-20 53.8 (ACT paper, Table 2)"
+    reference = "ResNet-18, CIFAR-10, 1/lambda 5: clean 83.5, PGD-20 53.8 (ACT paper, Table 2)"
     presets = {
         "paper": {**CIFAR_EPS, "arch": "wrn34_10", "epochs": 76, "lr": 0.1, "weight_decay": 2e-4, "milestones": [75],
                   "eps": 0.031, "step_size": 0.007, "params": {"beta": 6.0}},
