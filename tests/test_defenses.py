@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from training.checkpoint import DEFENSE_JSON
 from training.engine import train
