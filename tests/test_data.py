@@ -175,6 +175,12 @@ def test_imagefolder_tree(tmp_path):
         x, y = ds[len(ds) - 1]
         assert len(ds) == 4 and x.shape == (3, 32, 32) and y == 1 and 0 <= x.min() and x.max() <= 1
         assert spec.input_shape == (3, 32, 32) and spec.class_names == ("cat", "dog") and spec.augment is None
+    # Without augmentation the training images are the same on every read (validation, memory banks).
+    plain, _ = load_dataset("imagefolder", "train", root=tmp_path, image_size=32, augment=False)
+    assert torch.equal(plain[0][0], plain[0][0])
+    augmented, _ = load_dataset("imagefolder", "train", root=tmp_path, image_size=32)
+    torch.manual_seed(0)
+    assert any(not torch.equal(augmented[0][0], augmented[0][0]) for _ in range(5))
     with pytest.raises(DataNotFoundError, match="train/ and val/"):
         load_dataset("imagefolder", "train", root=None)
 

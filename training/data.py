@@ -284,16 +284,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @register_dataset("imagefolder", description="any root/{train,val}/<class>/<image> tree, ImageNet-style")
 def _load_imagefolder(
-    split: str, root: Path | None, download: bool, *, image_size: int | None = None
+    split: str, root: Path | None, download: bool, *, image_size: int | None = None, augment: bool = True
 ) -> tuple[Dataset, DatasetSpec]:
-    """``image_size`` (default $ROBUSTSERVE_IMAGE_SIZE or 224) lets tests use tiny trees."""
+    """``image_size`` (default $ROBUSTSERVE_IMAGE_SIZE or 224) lets tests use tiny trees.
+    ``augment=False`` gives the training images with the evaluation transform: what validation and
+    artifacts built from training images (THAT's memory bank) must see."""
     size = image_size or int(os.environ.get("ROBUSTSERVE_IMAGE_SIZE", 224))
     folder = root / ("train" if split == "train" else "val") if root is not None else None
     if folder is None or not folder.is_dir():
         found = "no root given" if folder is None else f"{folder} is not a folder"
         raise DataNotFoundError(f"imagefolder needs root=<folder with train/ and val/ class subfolders>; {found}")
     # Images differ in size, so they are decoded, resized and augmented per item (spec.augment None).
-    if split == "train":
+    if split == "train" and augment:
         transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()])
     else:  # the ImageNet evaluation convention: resize to 256/224 of the crop, then centre-crop
         transform = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor()])

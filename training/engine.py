@@ -142,7 +142,11 @@ class Trainer:
         if config.batch_size % self.dist.world_size:
             raise ConfigError(f"--batch-size {config.batch_size} must be a multiple of the {self.dist.world_size} DDP processes")
         self.split = Split.make(len(self.train_set), config)
-        self.val_x, self.val_y = _stack(self.train_set, self.split.val)
+        # A dataset that augments per item (ImageFolder) is read again without augmentation for
+        # validation and for the artifacts a recipe builds from training images.
+        self.plain_train_set = self.train_set if self.spec.augment is not None else load_dataset(
+            config.dataset, "train", root=config.data_root, augment=False)[0]
+        self.val_x, self.val_y = _stack(self.plain_train_set, self.split.val)
         torch.manual_seed(config.seed)  # the initial weights, identical on every DDP rank
         self.module: nn.Module = self.recipe.build_model(self.spec, config)
         self.base: LoadedRun | None = None
@@ -363,7 +367,7 @@ class Trainer:
             tensors, _ = load_tensors(self.run_dir / BEST)
             self.module.load_state_dict(tensors)
             self.module.eval()
-            self.recipe.finish(self.module, self.run_dir, self.train_set, self.spec, self.config)
+            self.recipe.finish(self.module, self.run_dir, self.plain_train_set, self.spec, self.config)
             self.state["finished"] = True
             self._write_defense_json()
 
