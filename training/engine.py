@@ -320,7 +320,7 @@ class Trainer:
         if index > 0 and self.state["stages"][index]["epochs_done"] == 0:
             tensors, _ = load_tensors(self.run_dir / stage_best_file(self.stages, index - 1))
             self.module.load_state_dict(tensors)
-        if index != self.state["stage"] or not self.optimizer.param_groups[0]["params"]:
+        if index != self.state["stage"]:  # a resumed stage already has its optimiser, with its state
             self.optimizer = self._optimizer(index)
         self.state["stage"] = index
 

@@ -161,6 +161,16 @@ def register_recipe(cls: type[Recipe]) -> type[Recipe]:
     return cls
 
 
+def get_method(recipe_id: str) -> SingleStageRecipe:
+    """A single-loss training method (a baseline) by id: the defenses that train with their base's
+    own method (DH-AT's heads, DUCAT's plug-in) take its ``loss`` and its preset ``params``."""
+    recipe = get_recipe(recipe_id)
+    if not isinstance(recipe, SingleStageRecipe):
+        raise ConfigError(f"{recipe_id!r} is not a single-loss training method; use one of "
+                          f"{', '.join(r.id for r in RECIPES.values() if isinstance(r, SingleStageRecipe))}")
+    return recipe
+
+
 def get_recipe(recipe_id: str) -> Recipe:
     try:
         return RECIPES[recipe_id]

@@ -36,7 +36,7 @@ from ..config import TrainConfig
 from ..data import DatasetSpec
 from ..errors import ConfigError
 from ..models.dual_head import DualHeadNet, HeadView
-from .base import Loss, Recipe, ServingMode, SingleStageRecipe, Stage, StepContext, get_recipe, register_recipe
+from .base import Loss, Recipe, ServingMode, Stage, StepContext, get_method, register_recipe
 from .baselines import CIFAR_EPS, QUICK
 
 if TYPE_CHECKING:
@@ -51,9 +51,7 @@ def _method_on(method: str, output: str) -> Loss:
     both see exactly the module whose loss is trained; the hyper-parameters (beta, the adversary)
     come from the current stage's config.
     """
-    recipe = get_recipe(method)
-    if not isinstance(recipe, SingleStageRecipe):
-        raise ConfigError(f"DH-AT trains its heads with a single-loss method; {method!r} is not one")
+    recipe = get_method(method)
 
     def loss(ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # ctx.model may be a DDP wrapper: going through it (with output=...) keeps gradients synced.

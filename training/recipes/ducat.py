@@ -36,7 +36,7 @@ from ..dummy_classes import (PAIRING_FILE, ClassPairing, MergedClassScores, Reco
                              ducat_loss, ducat_mart_loss, ducat_trades_loss, read_pairing, recovered_scores)
 from ..errors import ConfigError
 from ..models import StagedNet
-from .base import ServingMode, SingleStageRecipe, StepContext, get_recipe, register_recipe
+from .base import ServingMode, SingleStageRecipe, StepContext, get_method, register_recipe
 from .baselines import CIFAR_EPS, QUICK
 
 if TYPE_CHECKING:
@@ -75,12 +75,6 @@ def widen_with_pairing(model: StagedNet, pairing: ClassPairing) -> None:
 def _method(config: TrainConfig) -> str:
     """The benchmark DUCAT plugs into: ``params.method``, else the base run's recipe, else PGD-AT."""
     return config.params.get("method", config.base or "pgd_at")
-
-
-def _method_recipe(method: str) -> SingleStageRecipe:
-    recipe = get_recipe(method)
-    assert isinstance(recipe, SingleStageRecipe), "every DUCAT base method is a single-stage baseline"
-    return recipe
 
 
 @register_recipe
@@ -125,7 +119,7 @@ class DUCAT(SingleStageRecipe):
         method = _method(config)
         if method not in self.bases:
             raise ConfigError(f"ducat plugs into {', '.join(self.bases)}; params.method is {method!r}")
-        method_params = _method_recipe(method).presets.get(preset, {}).get("params", {})
+        method_params = get_method(method).presets.get(preset, {}).get("params", {})
         config = config.updated({"params": {**method_params, "method": method, "pairing_seed": config.seed,
                                             **config.params}})
         self._check(config)
@@ -169,7 +163,7 @@ class DUCAT(SingleStageRecipe):
         pairing = trained_pairing(ctx.module)
         params = ctx.config.params
         if ctx.epoch < params["start_epoch"]:
-            loss, logits = _method_recipe(params["method"]).loss(ctx, x, y)
+            loss, logits = get_method(params["method"]).loss(ctx, x, y)
         else:
             loss, logits = self._ducat_loss(ctx, x, y, pairing)
         return loss, recovered_scores(logits.detach(), pairing.dummy_index(logits.device))
