@@ -44,6 +44,11 @@ def _parse_value(text: str):
         return text
 
 
+def _float_list(text: str) -> list[float]:
+    """``--sweep 0,0.05,0.1``: comma-separated floats."""
+    return [float(v) for v in text.split(",")]
+
+
 # ---------------------------------------------------------------------------------------------- list
 
 
@@ -145,7 +150,7 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps", type=float, help="Linf radius (default: the run's training eps)")
     p.add_argument("--autoattack-n", type=int, help="test images for AutoAttack and the adaptive APGD (default: --n)")
     p.add_argument("--autoattack-version", default="standard", help="standard, plus, rand or fast (APGD-CE + APGD-T)")
-    p.add_argument("--sweep", type=lambda s: [float(v) for v in s.split(",")],
+    p.add_argument("--sweep", type=_float_list,
                    help="comma-separated eps values for the accuracy-vs-eps curve")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--data-root", help="dataset folder (default: the run's)")
@@ -167,17 +172,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _configure_run(p: argparse.ArgumentParser) -> None:
     # Each defense follows the baseline it builds on or is compared with in its paper.
-    p.add_argument("--recipes", default="natural,aft_dra,pgd_at,ducat,act,that,trades,dhat",
+    p.add_argument("--recipes", default="natural,aft_dra,pgd_at,ducat,act,that,trades,dhat,mart,consistency_at",
                    help="comma-separated recipes to train (finished runs and stages are reused) and evaluate")
     p.add_argument("--preset", default="quick")
     p.add_argument("--runs", type=Path, default=Path("runs"), help="folder for the run folders")
     # Sized for two CPU cores and twelve serving modes: AutoAttack (APGD-CE + APGD-T) on a robust
     # SmallCNN mode costs ~0.4 s per image here, standard AutoAttack ~1.5 s.
-    p.add_argument("--n", type=int, default=300, help="test images for clean, PGD-20, the adaptive PGD and the eps sweep")
+    p.add_argument("--n", type=int, default=300, help="test images for clean, PGD-20 and the adaptive PGD")
     p.add_argument("--autoattack-n", type=int, default=50, help="test images for AutoAttack and the adaptive APGD")
     p.add_argument("--autoattack-version", default="fast",
                    help="fast (APGD-CE + APGD-T, the default on 2 cores) or standard, plus, rand")
+    p.add_argument("--sweep", type=_float_list, default=[],
+                   help="eps values for each run's accuracy-vs-eps curve (default: none; `robustserve eval` draws one)")
     p.add_argument("--results", type=Path, default=Path("RESULTS.md"), help="where to write the results table")
+    p.add_argument("--model-store", type=Path, default=Path("model_store"))
+    p.add_argument("--no-serve", action="store_true",
+                   help="stop after the results: do not package the runs or (re)start TorchServe")
 
 
 @command("run", "the main job: train every recipe (reusing finished runs), evaluate, print the results table",
@@ -191,7 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from training.evaluate import AUTOATTACK_VERSIONS, current_report, evaluate_run, format_results_table
     from training.recipes import RECIPES, get_recipe
 
-    reports = []
+    reports, run_dirs = [], []
     for recipe_id in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         config = get_recipe(recipe_id).config(args.preset)
         run_dir = default_run_dir(config, config.arch or "", args.runs)
@@ -205,8 +215,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"== {recipe_id}: evaluating every serving mode (clean, PGD-20 on {args.n} test images, AutoAttack "
                   f"{args.autoattack_version} and adaptive APGD on {args.autoattack_n})", flush=True)
             report = evaluate_run(run_dir, n=args.n, autoattack_n=args.autoattack_n,
-                                  autoattack_version=args.autoattack_version)
+                                  autoattack_version=args.autoattack_version, sweep=args.sweep)
         reports.append(report)
+        run_dirs.append(run_dir)
     table = format_results_table(reports, references={r.id: r.reference for r in RECIPES.values() if r.reference})
     eps = sorted({r["settings"]["eps"] for r in reports})
     env = environment()
@@ -219,9 +230,155 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{args.n}, APGD-CE on {args.autoattack_n} images: DUCAT's merged class scores log(p_k + p_k+C) and raw "
               f"logits, each DH-AT head, THAT's classifier head and soft kNN vote), judged by the served mode; "
               f"worst case = the lowest robust accuracy over all of them. Train time includes the base run a "
-              f"defense starts from. Each run's `report.md` has the details and `curves.png` the eps sweep.\n\n")
+              f"defense starts from. Each run's `report.md` has the details.\n\n")
     write_text(args.results, header + table + "\n")
     print(table)
+    if not args.no_serve:
+        serve_runs(run_dirs, args.model_store)
+    return 0
+
+
+def serve_runs(run_dirs: list[Path], model_store: Path) -> None:
+    """Package every run, (re)start TorchServe over the store and print a curl example per behaviour."""
+    from serving import server
+    from serving.client import curl_examples, write_example_image
+    from serving.package import package_run
+
+    models = []
+    for run_dir in run_dirs:
+        names = [archive.stem for archive in package_run(run_dir, model_store=model_store)]
+        print(f"== packaged {run_dir} as {', '.join(names)}", flush=True)
+        models += names
+    settings = server.ServerSettings(model_store=model_store, models=tuple(f"{m}.mar" for m in models))
+    if server.stop(settings):
+        print("== stopped the TorchServe that was running from this folder", flush=True)
+    state = server.start(settings)
+    image = write_example_image(run_dirs[0], settings.state_dir / "example.png")
+    print(f"== TorchServe is serving {', '.join(state.models)} on {state.inference_address} (127.0.0.1 only; the API "
+          f"keys are in {state.key_file}; `robustserve serve stop` stops it). Try:")
+    print("\n".join(curl_examples(state.inference_address, state.key_file, image, models)))
+
+
+# ---------------------------------------------------------------------------------------------- export / package
+
+
+def _configure_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="finished run folder")
+    p.add_argument("--data-root", help="dataset folder for the parity images (default: the run's)")
+
+
+@command("export", "export every serving mode of a run to ONNX, checked against PyTorch on test images",
+         _configure_export)
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.export import export_run
+
+    record = export_run(args.run, data_root=args.data_root)
+    for mode, entry in record["modes"].items():
+        parity = entry["parity"]
+        print(f"{mode:<12} {entry['onnx']:<18} output {entry['output_shape']}  max |onnx - torch| "
+              f"{parity['max_abs_diff']:.2e} on {parity['images']} test images, same predictions")
+    print(f"export saved in {args.run / 'export'}")
+    return 0
+
+
+def _configure_package(p: argparse.ArgumentParser) -> None:
+    from serving.package import PackageSettings
+
+    defaults = PackageSettings()
+    p.add_argument("run", type=Path, help="finished run folder")
+    p.add_argument("--model-store", type=Path, default=Path("model_store"))
+    p.add_argument("--models", help="comma-separated served models of this run (default: all, e.g. that,that_knn)")
+    p.add_argument("--version", default=defaults.version)
+    p.add_argument("--backend", default=defaults.backend, help="onnx (ONNX Runtime) or torch (eager)")
+    p.add_argument("--knn-index", default=defaults.knn_index, help="flat (exact) or ivf, for THAT's kNN endpoint")
+    p.add_argument("--nlist", type=int, help="IVF cells (default ~4 sqrt(bank size))")
+    p.add_argument("--nprobe", type=int, default=defaults.nprobe, help="IVF cells searched per query")
+
+
+@command("package", "build the TorchServe archives (.mar) of a run in model_store/", _configure_package)
+def cmd_package(args: argparse.Namespace) -> int:
+    from serving.package import PackageSettings, package_run
+
+    settings = PackageSettings(version=args.version, backend=args.backend, knn_index=args.knn_index,
+                               nlist=args.nlist, nprobe=args.nprobe)
+    names = [n.strip() for n in args.models.split(",")] if args.models else None
+    for archive in package_run(args.run, model_store=args.model_store, settings=settings, names=names):
+        print(f"packaged {archive}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- serve / predict
+
+
+def _configure_serve(p: argparse.ArgumentParser) -> None:
+    from serving.server import ServerSettings
+
+    defaults = ServerSettings()
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--model-store", type=Path, default=defaults.model_store)
+    p.add_argument("--state-dir", type=Path, default=defaults.state_dir,
+                   help="where the config, logs and TorchServe's key_file.json (the API tokens) go")
+    p.add_argument("--host", default=defaults.host, help="bind address (default 127.0.0.1: loopback only)")
+    p.add_argument("--inference-port", type=int, default=defaults.inference_port)
+    p.add_argument("--management-port", type=int, default=defaults.management_port)
+    p.add_argument("--metrics-port", type=int, default=defaults.metrics_port)
+    p.add_argument("--models", help="comma-separated .mar names to load (default: every archive in the store)")
+    p.add_argument("--workers", type=int, default=defaults.workers, help="workers per model")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="TorchServe dynamic batch size")
+    p.add_argument("--max-batch-delay-ms", type=int, default=defaults.max_batch_delay_ms)
+
+
+def server_settings(args: argparse.Namespace):
+    from serving.server import ServerSettings
+
+    models = tuple(m if m.endswith(".mar") else f"{m}.mar" for m in (n.strip() for n in args.models.split(","))
+                   ) if getattr(args, "models", None) else ()
+    return ServerSettings(model_store=args.model_store, state_dir=args.state_dir, host=args.host,
+                          inference_port=args.inference_port, management_port=args.management_port,
+                          metrics_port=args.metrics_port, models=models, workers=args.workers,
+                          batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms)
+
+
+@command("serve", "start, stop or inspect TorchServe over model_store/ (loopback, token auth)", _configure_serve)
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving import server
+
+    settings = server_settings(args)
+    if args.action == "start":
+        state = server.start(settings)
+    elif args.action == "stop":
+        print("stopped" if server.stop(settings) else "no server was running")
+        return 0
+    else:
+        state = server.status(settings)
+    print(json.dumps(state.as_dict() if hasattr(state, "as_dict") else state, indent=2, default=str))
+    return 0
+
+
+def _configure_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", type=Path, help="an image file (PNG, JPEG) of the model's input size")
+    p.add_argument("--model", default="dhat", help="served model name (see `robustserve serve status`)")
+    p.add_argument("--head", choices=["main", "second", "both"], help="DH-AT's head")
+    p.add_argument("--mode", help="serving mode (e.g. DUCAT's raw)")
+    p.add_argument("--knn", action="store_true", help="ask THAT's kNN endpoint (model that_knn)")
+    p.add_argument("--k", type=int, help="kNN neighbours")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--url", default="http://127.0.0.1:8080")
+    p.add_argument("--state-dir", type=Path, default=Path("runs/torchserve"), help="where the server's key file is")
+
+
+@command("predict", "send one image to a served model and print its reply", _configure_predict)
+def cmd_predict(args: argparse.Namespace) -> int:
+    from serving.client import Client
+    from serving.server import ServerSettings, read_keys
+
+    token = read_keys(ServerSettings(state_dir=args.state_dir)).get("inference")
+    model = "that_knn" if args.knn else args.model
+    if not args.image.is_file():
+        raise ConfigError(f"no image file {args.image}")
+    reply = Client(args.url, token=token).predict(args.image, model=model, head=args.head, mode=args.mode,
+                                                  k=args.k, top_k=args.top_k)
+    print(json.dumps(reply, indent=2))
     return 0
 
 

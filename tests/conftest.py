@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import learnable_images, write_fashion_mnist_source
+from helpers import learnable_images, train_tiny, write_fashion_mnist_source
 from training.models import StagedNet, build_model
 
 FAINT = 40  # grey levels: the attack tests want a model that PGD at eps = 0.1 can fool
@@ -55,3 +55,39 @@ def learnable_fashion_mnist(tmp_path, monkeypatch):
     monkeypatch.setenv("ROBUSTSERVE_FASHION_MNIST_SOURCE", str(source))
     monkeypatch.setenv("ROBUSTSERVE_DATA", str(tmp_path / "data"))
     return source
+
+
+SERVED_RECIPES = ("pgd_at", "trades", "dhat", "ducat", "that")  # every serving behaviour; trades is dhat's base
+
+
+@pytest.fixture(scope="session")
+def served_runs(tmp_path_factory) -> dict:
+    """Tiny finished, evaluated and exported runs of every serving behaviour, on learnable synthetic
+    Fashion-MNIST files (the data root stays set for the session: exports read its test images)."""
+    from training.evaluate import evaluate_run
+    from training.export import export_run
+
+    root = tmp_path_factory.mktemp("served")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ROBUSTSERVE_FASHION_MNIST_SOURCE", str(write_fashion_mnist_source(root / "fmnist-source")))
+        patch.setenv("ROBUSTSERVE_DATA", str(root / "data"))
+        runs = {}
+        for recipe_id in SERVED_RECIPES:
+            runs[recipe_id] = run_dir = train_tiny(recipe_id, root / "runs")
+            evaluate_run(run_dir, n=10, autoattack_n=0, pgd_steps=1, sweep=[], device="cpu")
+            export_run(run_dir)
+    torch.set_num_threads(threads)
+    return runs
+
+
+@pytest.fixture(scope="session")
+def served_store(served_runs, tmp_path_factory):
+    """A model store with the archive of every served model of ``served_runs``."""
+    from serving.package import package_run
+
+    store = tmp_path_factory.mktemp("model_store")
+    for run_dir in served_runs.values():
+        package_run(run_dir, model_store=store)
+    return store

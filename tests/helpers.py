@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import socket
 import struct
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -39,3 +41,45 @@ def write_fashion_mnist_source(folder: Path, n_train: int = 600, n_test: int = 2
         write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return folder
+
+
+# One epoch per stage on the synthetic data: enough for a model whose every part has trained weights.
+TINY = {"batch_size": 50, "train_subset": None, "val_size": 100, "attack_steps": 2, "val_attack_steps": 2}
+
+
+def tiny_config(recipe_id: str, **overrides):
+    """The quick preset of ``recipe_id`` cut to one epoch per stage on the synthetic data."""
+    from training.recipes import get_recipe
+
+    recipe = get_recipe(recipe_id)
+    config = recipe.config("quick", **TINY, **overrides)
+    return recipe.config("quick", **TINY, **overrides,
+                         stages={stage.name: {"epochs": 1} for stage in recipe.stages(config)})
+
+
+def train_tiny(recipe_id: str, runs_root: Path) -> Path:
+    """A finished tiny run of ``recipe_id`` in ``runs_root/<recipe_id>`` (its base run trained first, beside it)."""
+    from training.engine import train
+    from training.recipes import get_recipe
+
+    overrides = {}
+    base = get_recipe(recipe_id).config("quick").base
+    if base is not None:
+        base_dir = runs_root / base
+        overrides["base_run"] = str(base_dir if (base_dir / "defense.json").is_file() else train_tiny(base, runs_root))
+    return train(tiny_config(recipe_id, **overrides), runs_root / recipe_id, progress=False)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on loopback right now."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+def free_server_ports() -> dict[str, int]:
+    """``ServerSettings`` port fields, all free."""
+    return dict(zip(["inference_port", "management_port", "metrics_port", "grpc_inference_port",
+                     "grpc_management_port"], free_ports(5), strict=True))

@@ -7,34 +7,23 @@ import json
 
 import pytest
 
+from helpers import train_tiny
+
 from training.checkpoint import DEFENSE_JSON
-from training.engine import train
 from training.evaluate import evaluate_run
 from training.recipes import get_recipe
 from training.runs import load_run
 
 DEFENSES = ("dhat", "that", "aft_dra", "ducat", "act")
-TINY = {"batch_size": 50, "train_subset": None, "val_size": 100, "attack_steps": 2, "val_attack_steps": 2}
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(recipe_id: str, **overrides):
-    """The quick preset cut to one epoch per stage on the synthetic data."""
-    recipe = get_recipe(recipe_id)
-    config = recipe.config("quick", **TINY, **overrides)
-    return recipe.config("quick", **TINY, **overrides, stages={stage.name: {"epochs": 1} for stage in recipe.stages(config)})
 
 
 @pytest.mark.parametrize("defense", DEFENSES)
 def test_defense_trains_evaluates_every_mode(defense, learnable_fashion_mnist, tmp_path):
     recipe = get_recipe(defense)
-    overrides = {}
     base = recipe.config("quick").base
-    if base is not None:
-        overrides["base_run"] = str(train(tiny(base), tmp_path / base, progress=False))
-    run_dir = train(tiny(defense, **overrides), tmp_path / defense, progress=False)
+    run_dir = train_tiny(defense, tmp_path)
 
     info = json.loads((run_dir / DEFENSE_JSON).read_text())
     assert info["finished"] and info["serving_modes"] == list(recipe.serving_modes)

@@ -56,6 +56,7 @@ AUTOATTACK_VERSIONS = {
     # The two attacks that decide AutoAttack's number in practice: on the quick baselines FAB-T and
     # Square (~85% of standard AA's time on CPU) did not change one prediction (session notes in
     # RESULTS.md). `robustserve eval` defaults to standard; `robustserve run` uses this on 2 cores.
+    # Both run with the standard version's settings (1 restart, 9 target classes).
     "fast": "APGD-CE, APGD-T",
 }
 CUSTOM_VERSIONS = {"fast"}  # run as pyautoattack's version="custom" with the listed attacks

@@ -123,8 +123,12 @@ class KNNClassifier(_BankModule):
         self.k = k
         self.temperature = temperature
 
+    def vote(self, query_features: torch.Tensor) -> torch.Tensor:
+        """Eq. 8 scores of already-encoded queries."""
+        return knn_vote(query_features, self.bank, self.k, self.temperature)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return knn_vote(self.encoder(x), self.bank, self.k, self.temperature)
+        return self.vote(self.encoder(x))
 
 
 class SoftKNN(_BankModule):

@@ -177,6 +177,12 @@ class _PyAutoAttack(Attack):
             runner = AutoAttack(self.model, norm=norms[self.norm], eps=self.eps, version=version,
                                 attacks=self.attacks if version == "custom" else None,
                                 device=x.device, seed=self.seed)
+            if version == "custom":
+                # pyautoattack leaves a custom list at its constructor defaults (APGD-CE with 5
+                # restarts); run it with the standard version's settings instead, so that a custom
+                # list is exactly a subset of standard AutoAttack.
+                runner._set_version("standard")
+                runner.attacks_to_run = self.attacks
             x_adv, _ = runner.run_standard_evaluation(x, y, batch_size=self.batch_size)
         return x_adv
 

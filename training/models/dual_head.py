@@ -24,7 +24,10 @@ from torch import nn
 from ..errors import ConfigError
 from .base import StagedNet
 
-OUTPUTS = ("main", "second", "both")  # what a DualHeadNet can compute; one serving mode each
+# What a DualHeadNet can compute: one serving mode each, and ``heads``: the aggregated, main and
+# second logits stacked [B, 3, C] from one trunk pass (what the ``both`` mode exports, so the
+# server can also report whether the heads disagree).
+OUTPUTS = ("main", "second", "both", "heads")
 
 
 class Aggregator(nn.Module):
@@ -184,9 +187,11 @@ class DualHeadNet(nn.Module):
             return self.main_logits(x)
         if output == "second":
             return self.second_logits(x)
-        if output == "both":
+        if output in ("both", "heads"):
             h = self.shared(x)
-            return self.aggregator(self.main_head(h), self.second_head(h))
+            main_logits, second_logits = self.main_head(h), self.second_head(h)
+            aggregated = self.aggregator(main_logits, second_logits)
+            return aggregated if output == "both" else torch.stack([aggregated, main_logits, second_logits], dim=1)
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
 
     def view(self, output: str) -> HeadView:

@@ -84,11 +84,32 @@ class ServingMode:
     adaptive attacker would differentiate through instead (DUCAT's merged class scores, one head of
     DH-AT, THAT's classifier head or a soft kNN vote); examples crafted on a surface are judged by
     ``module``. A surface's outputs take the same labels as ``module``'s.
+
+    For serving, ``graph`` is the part that is exported (ONNX) and run by a serving backend: pixels
+    -> one tensor (default: ``module`` itself, giving class logits). ``postprocess`` names what the
+    serving runtime does with that tensor outside the graph (``serving.postprocess.POSTPROCESSORS``):
+    ``logits`` (softmax top-k), ``dual_head`` (DH-AT's stacked heads), ``recover_dummy_classes`` and
+    ``raw_dummy_classes`` (DUCAT, with the stored pairing) or ``knn`` (THAT's Eq. 8 vote over FAISS).
+    ``scores_from_graph`` maps the graph's output back to ``module``'s scores, so that ``module(x) ==
+    scores_from_graph(graph(x))``: export uses it to check an ONNX graph's predictions, and the
+    runtime's reply must predict exactly what ``module`` predicts (the serving tests check it).
     """
 
     module: nn.Module
     description: str
     attack_surfaces: dict[str, nn.Module] = field(default_factory=dict)
+    graph: nn.Module | None = None
+    postprocess: str = "logits"
+    scores_from_graph: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def scores(self, graph_output: torch.Tensor) -> torch.Tensor:
+        """``module``'s scores from the exported graph's output."""
+        return graph_output if self.scores_from_graph is None else self.scores_from_graph(graph_output)
+
+    @property
+    def exported(self) -> nn.Module:
+        """The module a serving backend runs (and ONNX export traces)."""
+        return self.graph if self.graph is not None else self.module
 
 
 class Recipe(ABC):

@@ -140,5 +140,7 @@ class DHAT(Recipe):
             "main": ServingMode(net.view("main"), "the base network alone (second head switched off)"),
             "second": ServingMode(net.view("second"), "the shared trunk and the second head"),
             "both": ServingMode(net.view("both"), "the aggregator CNN over both heads' logits",
-                                attack_surfaces={"main_head": net.view("main"), "second_head": net.view("second")}),
+                                attack_surfaces={"main_head": net.view("main"), "second_head": net.view("second")},
+                                graph=net.view("heads"), postprocess="dual_head",
+                                scores_from_graph=lambda heads: heads[:, 0]),
         }

@@ -198,17 +198,22 @@ class DUCAT(SingleStageRecipe):
         or a run folder that lacks it) it is the one the network was built with, identity by default."""
         stored = None if run_dir is None else Path(run_dir) / PAIRING_FILE
         pairing = read_pairing(stored) if stored is not None and stored.is_file() else trained_pairing(model)
+        recovered = RecoveredScores(model, pairing)
         return {
             "recovered": ServingMode(
-                RecoveredScores(model, pairing),
+                recovered,
                 "argmax over the 2C outputs, a dummy class mapped back to its real class (Eq. 6)",
                 attack_surfaces={
                     # Adaptive: the attacker knows the pairing and lowers log(p_y + p_dummy(y)).
                     "merged": MergedClassScores(model, pairing),
                     # The paper's own attacks: CE of the real class over the 2C logits, blind to the recovery.
                     "raw_logits": model,
-                }),
-            "raw": ServingMode(model, "the 2C logits as they are: a prediction in a dummy class is wrong"),
+                },
+                # The pairing stays out of the exported graph: the runtime recovers with pairing.json.
+                graph=model, postprocess="recover_dummy_classes",
+                scores_from_graph=lambda logits_2c: recovered_scores(logits_2c, recovered.dummy_index)),
+            "raw": ServingMode(model, "the 2C logits as they are: a prediction in a dummy class is wrong",
+                               postprocess="raw_dummy_classes"),
         }
 
     def finish(self, model: nn.Module, run_dir: Path, train_set: Any, spec: DatasetSpec, config: TrainConfig) -> None:

@@ -161,7 +161,6 @@ QUICK_PARAMS: dict[str, Any] = {
     # The project evaluates untargeted attacks, and with 10 classes a random-target adversary is
     # much weaker than an untargeted one; the paper's free-AT setting is untargeted too.
     "attack_target": "none",
-    "bank_size": 10000,  # encoding all 60k images would take ~25 s on two cores
     "bank_batch_size": 1000,
 }
 
@@ -285,10 +284,13 @@ class THAT(Recipe):
         p = THATParams.parse(read_defense_json(Path(run_dir))["config"]["params"])
         bank = MemoryBank.load(bank_path).to(next(model.parameters()).device)
         query = RobustFeatures(model.robust)
+        knn = KNNClassifier(query, bank, p.knn_k, p.knn_temperature)
         modes["knn"] = ServingMode(
-            KNNClassifier(query, bank, p.knn_k, p.knn_temperature),
+            knn,
             f"Eq. 8: top-{p.knn_k} vote over the {p.bank_features}-encoder features of {len(bank)} training "
             f"images, queried with the robust feature head",
             attack_surfaces={"classifier_head": model.robust,
-                             "soft_knn": SoftKNN(query, bank, p.soft_knn_temperature)})
+                             "soft_knn": SoftKNN(query, bank, p.soft_knn_temperature)},
+            # Only the query encoder is exported; the runtime searches FAISS and votes (Eq. 8).
+            graph=query, postprocess="knn", scores_from_graph=knn.vote)
         return modes

@@ -1,0 +1,125 @@
+"""A small REST client for the served models (standard library only).
+
+    client = Client()                        # http://127.0.0.1:8080, the inference key from the server's key file
+    client.predict("shirt.png", model="dhat", head="both")
+    client.predict(pixels_array, model="that_knn", k=20)
+
+Images go as JSON ``{"image": <base64>}`` (files, bytes) or ``{"pixels": [...]}`` (arrays in
+[0, 1]); options ride in the same JSON body. A 4xx or 5xx reply raises ``ClientError`` with the
+server's message.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.errors import RobustServeError
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class ClientError(RobustServeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def image_payload(image: str | Path | bytes | np.ndarray | Any) -> dict[str, Any]:
+    """The JSON body part that carries ``image``: a path or encoded bytes as base64, an array as pixels."""
+    if isinstance(image, str | Path):
+        image = Path(image).read_bytes()
+    if isinstance(image, bytes | bytearray):
+        return {"image": base64.b64encode(bytes(image)).decode("ascii")}
+    return {"pixels": np.asarray(image, dtype=np.float64).tolist()}
+
+
+class Client:
+    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                content_type: str = "application/json") -> tuple[int, bytes]:
+        """``(status, body)`` of one HTTP call; 4xx/5xx are returned, not raised."""
+        headers = {"Content-Type": content_type}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        call = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(call, timeout=self.timeout) as reply:
+                return reply.status, reply.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ClientError(0, f"cannot reach {self.url} ({reason}); is TorchServe running? "
+                                 f"(robustserve serve start)") from err
+
+    def predict(self, image: str | Path | bytes | np.ndarray | Any, *, model: str, **options: Any) -> dict[str, Any]:
+        """The model's reply for one image; ``options`` are request parameters (head, mode, k, top_k)."""
+        body = {**image_payload(image), **{k: v for k, v in options.items() if v is not None}}
+        status, raw = self.request("POST", f"/predictions/{model}", json.dumps(body).encode())
+        try:
+            reply = json.loads(raw)
+        except ValueError:
+            reply = {"error": raw.decode("utf-8", "replace")[:500]}
+        if status != 200:
+            message = reply.get("error") or reply.get("message") if isinstance(reply, dict) else str(reply)
+            raise ClientError(status, str(message))
+        return reply
+
+    def ping(self) -> bool:
+        try:
+            status, _ = self.request("GET", "/ping")
+        except ClientError:
+            return False
+        return status == 200
+
+
+def write_example_image(run_dir: Path, path: Path) -> Path:
+    """The first evaluation test image of a run's dataset as a PNG at ``path`` (for the curl examples)."""
+    import io
+
+    from PIL import Image
+
+    from training.checkpoint import atomic_write, read_defense_json
+    from training.evaluate import load_test_subset
+
+    info = read_defense_json(Path(run_dir))
+    x, _, _ = load_test_subset(info, 1, info["config"].get("data_root"))
+    pixels = (x[0] * 255).round().byte().permute(1, 2, 0).squeeze(-1).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+    return path
+
+
+def curl_examples(inference_address: str, key_file: Path, image: Path, models: list[str]) -> list[str]:
+    """Shell commands that exercise each served behaviour (the inference key read from ``key_file``)."""
+    url = inference_address
+    lines = [f"TOKEN=$(python3 -c 'import json; print(json.load(open(\"{key_file}\"))[\"inference\"][\"key\"])')",
+             f"IMG={image}"]
+    auth = '-H "Authorization: Bearer $TOKEN"'
+    # Without a content type curl says form-urlencoded, and TorchServe's frontend fails to parse the PNG.
+    png = "-H 'Content-Type: image/png' --data-binary @$IMG"
+    examples = {
+        "natural": f"curl -s -w '\\n' {auth} {png} {url}/predictions/natural",
+        "pgd_at": f"curl -s -w '\\n' {auth} -F data=@$IMG -F top_k=3 {url}/predictions/pgd_at",
+        "dhat": f"curl -s -w '\\n' {auth} {png} '{url}/dhat/predict?head=both'\n"
+                f"curl -s -w '\\n' {auth} -H 'Content-Type: application/json' "
+                f"-d \"{{\\\"image\\\": \\\"$(base64 -w0 $IMG)\\\", \\\"head\\\": \\\"main\\\"}}\" {url}/predictions/dhat",
+        "ducat": f"curl -s -w '\\n' {auth} -H 'X-Mode: raw' {png} {url}/predictions/ducat",
+        "that_knn": f"curl -s -w '\\n' {auth} {png} '{url}/invocations?model_name=that_knn&k=10'",
+    }
+    for model in models:
+        lines += examples.get(model, f"curl -s -w '\\n' {auth} {png} {url}/predictions/{model}").split("\n")
+    return lines

@@ -1,0 +1,169 @@
+"""Package a finished run into TorchServe archives (``model_store/<name>.mar``), one per served model.
+
+A run can be served as more than one model: THAT is ``that`` (its classifier) and ``that_knn`` (the
+kNN endpoint over its memory bank). ``SERVED_MODELS`` says, per model, which run it comes from,
+which modes it serves (the first is the default), the request parameter that picks one and the
+handler (``handlers/``) that translates TorchServe requests for it.
+
+An archive holds, flat: ``defense.json``, ``best.safetensors`` (the eager module's weights), the
+evaluation ``report.json``, ``export.json`` and the ONNX graph of each served mode, DUCAT's
+``pairing.json``, THAT's ``memory_bank.safetensors`` and ``memory_bank.faiss``, ``served.json`` and
+``MANIFEST.json`` with the SHA-256 of all of them,
+which the runtime checks before it loads anything. Batching and workers are deployment settings:
+``robustserve serve`` writes them into the TorchServe config (``serving.server``). The archive is built in a temporary folder and
+renamed into place, so ``model_store/`` never holds a half-written ``.mar``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from training.checkpoint import BEST, DEFENSE_JSON, CheckpointError, read_defense_json
+from training.dummy_classes import PAIRING_FILE
+from training.errors import ConfigError, RobustServeError
+from training.evaluate import REPORT_JSON
+from training.export import EXPORT_DIR, EXPORT_JSON, current_export, export_run
+from training.knn import MEMORY_BANK, MemoryBank
+
+from .knn_index import FAISS_INDEX, INDEX_KINDS, build_index
+from .runtime import BACKENDS, SERVED_JSON, ServedInfo, write_manifest
+
+HANDLERS_DIR = Path(__file__).resolve().parent.parent / "handlers"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str  # the TorchServe model name: POST /predictions/<name>
+    recipe: str  # the run it serves
+    handler: str  # handlers/<handler>.py
+    modes: tuple[str, ...] | None = None  # None: every mode of the run, in the recipe's order
+    mode_parameter: str = "mode"
+
+
+SERVED_MODELS: dict[str, ServedModel] = {m.name: m for m in [
+    ServedModel("dhat", "dhat", "dual_head", mode_parameter="head"),
+    ServedModel("that", "that", "classifier", modes=("classifier",)),
+    ServedModel("that_knn", "that", "knn", modes=("knn",)),
+    ServedModel("ducat", "ducat", "dummy_classes"),
+    *(ServedModel(r, r, "classifier") for r in ("natural", "pgd_at", "trades", "mart", "consistency_at", "aft_dra",
+                                                 "act")),
+]}
+
+
+@dataclass(frozen=True)
+class PackageSettings:
+    version: str = "1.0"
+    backend: str = "onnx"  # what the handler runs: onnx (ONNX Runtime) or torch (eager)
+    knn_index: str = "flat"  # flat (exact) or ivf
+    nlist: int | None = None  # IVF cells (default ~4 sqrt(N))
+    nprobe: int = 16
+
+    def check(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.knn_index not in INDEX_KINDS:
+            raise ConfigError(f"the kNN index must be one of {', '.join(INDEX_KINDS)}, got {self.knn_index!r}")
+        if self.nprobe < 1 or (self.nlist is not None and self.nlist < 1):
+            raise ConfigError("nlist and nprobe must be >= 1")
+
+
+class PackageError(RobustServeError):
+    """torch-model-archiver failed, or the run lacks what an archive needs."""
+
+
+def served_models_of(recipe_id: str) -> list[ServedModel]:
+    """The models a run of ``recipe_id`` is served as (any recipe not listed: one model of its own name)."""
+    return [m for m in SERVED_MODELS.values() if m.recipe == recipe_id] or [ServedModel(recipe_id, recipe_id,
+                                                                                        "classifier")]
+
+
+def _stage(run_dir: Path, served: ServedModel, export: dict[str, Any], settings: PackageSettings,
+           staging: Path) -> None:
+    """Copy into ``staging`` everything the archive of ``served`` holds, then its manifest."""
+    info = read_defense_json(run_dir)
+    modes = served.modes or tuple(export["serving_modes"])  # the recipe's order: the first is the default
+    missing = [m for m in modes if m not in export["modes"]]
+    if missing:
+        raise PackageError(f"{run_dir} has no serving mode(s) {', '.join(missing)} for model {served.name}; "
+                           f"it has {', '.join(export['serving_modes'])}")
+    files = [DEFENSE_JSON, BEST, REPORT_JSON, PAIRING_FILE]
+    for name in files:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, staging / name)
+    export_record = {**export, "modes": {m: export["modes"][m] for m in modes}}
+    (staging / EXPORT_JSON).write_text(json.dumps(export_record, indent=2) + "\n")
+    for mode in modes:
+        shutil.copy2(run_dir / EXPORT_DIR / export["modes"][mode]["onnx"], staging / export["modes"][mode]["onnx"])
+    params = info["config"].get("params", {})
+    extra: dict[str, Any] = {}
+    if any(export["modes"][m]["postprocess"] == "knn" for m in modes):
+        bank = MemoryBank.load(run_dir / MEMORY_BANK)
+        shutil.copy2(run_dir / MEMORY_BANK, staging / MEMORY_BANK)
+        import faiss
+
+        index = build_index(bank.features.numpy(), settings.knn_index, nlist=settings.nlist, nprobe=settings.nprobe)
+        faiss.write_index(index, str(staging / FAISS_INDEX))
+        extra["knn_index"] = {"kind": settings.knn_index, "vectors": len(bank),
+                              **({"nlist": index.nlist, "nprobe": index.nprobe} if settings.knn_index == "ivf" else {})}
+    served_info = ServedInfo(name=served.name, version=settings.version, defense=info["defense"], modes=modes,
+                             mode_parameter=served.mode_parameter, backend=settings.backend,
+                             knn_k=params.get("knn_k"), knn_temperature=params.get("knn_temperature"), extra=extra)
+    (staging / SERVED_JSON).write_text(json.dumps(asdict(served_info), indent=2) + "\n")
+    write_manifest(staging)
+
+
+def _archive(served: ServedModel, staging: Path, settings: PackageSettings, model_store: Path) -> Path:
+    """torch-model-archiver into a temporary folder, then an atomic rename into ``model_store``."""
+    handler = HANDLERS_DIR / f"{served.handler}.py"
+    extra = sorted(str(p) for p in staging.iterdir())
+    out = Path(tempfile.mkdtemp(prefix=f".{served.name}.", dir=model_store))
+    try:
+        archiver = Path(sys.executable).with_name("torch-model-archiver")
+        command = [str(archiver), "--model-name", served.name, "--version", settings.version, "--handler",
+                   str(handler), "--extra-files", ",".join(extra),
+                   "--export-path", str(out), "--archive-format", "default", "--force"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise PackageError(f"torch-model-archiver failed for {served.name}: "
+                               f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+        target = model_store / f"{served.name}.mar"
+        os.replace(out / f"{served.name}.mar", target)
+        return target
+    except OSError as err:
+        raise PackageError(f"cannot write the archive for {served.name} into {model_store}: {err}") from err
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def package_run(run_dir: str | Path, *, model_store: str | Path = "model_store",
+                settings: PackageSettings | None = None, names: list[str] | None = None) -> list[Path]:
+    """Export the run if its export is stale, then build one archive per served model; returns the .mar paths."""
+    settings = settings or PackageSettings()
+    settings.check()
+    run_dir, model_store = Path(run_dir), Path(model_store)
+    info = read_defense_json(run_dir)
+    if not info.get("finished", False):
+        raise CheckpointError(f"{run_dir} is not a finished run; train it to the end first")
+    model_store.mkdir(parents=True, exist_ok=True)
+    export = current_export(run_dir) or export_run(run_dir)
+    served = served_models_of(info["defense"])
+    if names:
+        unknown = sorted(set(names) - {m.name for m in served})
+        if unknown:
+            raise ConfigError(f"a {info['defense']} run is served as {', '.join(m.name for m in served)}, "
+                              f"not {', '.join(unknown)}")
+        served = [m for m in served if m.name in names]
+    archives = []
+    for model in served:
+        with tempfile.TemporaryDirectory(prefix=f".{model.name}.staging.", dir=model_store) as staging:
+            _stage(run_dir, model, export, settings, Path(staging))
+            archives.append(_archive(model, Path(staging), settings, model_store))
+    return archives

@@ -1,0 +1,209 @@
+"""The served system over REST: a real TorchServe on loopback with the archives of tiny trained runs.
+
+Every endpoint answers; DH-AT's head is honoured from a JSON field, a query parameter, a form field
+and a header, and each reply is what the local runtime computes; concurrent requests for different
+heads (dynamically batched together) are answered per request; DUCAT's raw scores and the kNN
+endpoint's k work; bad input gets a 4xx with a JSON message and the next request is served; a
+changed archive is refused; the Prometheus counters move.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import urllib.parse
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from PIL import Image
+
+from helpers import free_server_ports
+from serving import server
+from serving.client import Client, ClientError
+from serving.runtime import Runtime
+from training.evaluate import load_test_subset
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+MODELS = ("pgd_at", "trades", "dhat", "ducat", "that", "that_knn")
+
+
+def png(pixels: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((pixels[0] * 255).round().byte().numpy(), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images(served_runs):
+    info = json.loads((served_runs["dhat"] / "defense.json").read_text())
+    x, _, _ = load_test_subset(info, 16, None)
+    return [png(image) for image in x]
+
+
+@pytest.fixture(scope="module")
+def settings(served_store, tmp_path_factory):
+    return server.ServerSettings(model_store=served_store, state_dir=tmp_path_factory.mktemp("ts"), batch_size=8,
+                                 max_batch_delay_ms=50, **free_server_ports())
+
+
+@pytest.fixture(scope="module")
+def served(settings):
+    server.start(settings)
+    try:
+        yield settings
+    finally:
+        server.stop(settings)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return Client(served.inference_address, token=server.read_keys(served)["inference"])
+
+
+@pytest.fixture(scope="module")
+def local(served_store, tmp_path_factory):
+    """The same archives in the local runtime: what every REST reply must equal."""
+    folder = tmp_path_factory.mktemp("local")
+    runtimes = {}
+    for name in MODELS:
+        with zipfile.ZipFile(served_store / f"{name}.mar") as archive:
+            archive.extractall(folder / name)
+        runtimes[name] = Runtime(folder / name, device="cpu")
+    return runtimes
+
+
+def local_reply(runtime: Runtime, image: bytes, **options) -> dict:
+    [(status, reply)] = runtime.handle([{"body": image, **options}])
+    assert status == 200
+    return reply
+
+
+def test_every_model_is_ready_and_answers(served, client, images, local):
+    state = server.status(served)
+    assert set(state.models) == set(MODELS) and all(w == ["READY"] for w in state.models.values())
+    for name in MODELS:
+        assert client.predict(images[0], model=name) == local_reply(local[name], images[0])
+
+
+@pytest.mark.parametrize("head", ["main", "second", "both"])
+def test_head_from_json_query_form_and_header_is_what_the_local_mode_computes(head, served, client, images, local):
+    expected = local_reply(local["dhat"], images[1], head=head)
+    assert expected["mode"] == head
+    assert client.predict(images[1], model="dhat", head=head) == expected  # JSON field
+    for path in (f"/dhat/predict?head={head}", f"/invocations?model_name=dhat&head={head}"):  # query parameter
+        status, body = client.request("POST", path, images[1], content_type="image/png")
+        assert status == 200 and json.loads(body) == expected
+    boundary = "robustserve-test"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"data\"; filename=\"x.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + images[1] + (
+            f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"head\"\r\n\r\n{head}\r\n--{boundary}--\r\n"
+            ).encode()
+    status, body = client.request("POST", "/predictions/dhat", form, f"multipart/form-data; boundary={boundary}")
+    assert status == 200 and json.loads(body) == expected
+    header_client = Client(client.url, token=client.token)
+    status, body = _post_with_header(header_client, "/predictions/dhat", images[1], "X-Head", head)
+    assert status == 200 and json.loads(body) == expected
+
+
+def _post_with_header(client: Client, path: str, body: bytes, header: str, value: str) -> tuple[int, bytes]:
+    import urllib.request
+
+    request = urllib.request.Request(client.url + path, data=body, method="POST",
+                                     headers={"Authorization": f"Bearer {client.token}", "Content-Type": "image/png",
+                                              header: value})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return reply.status, reply.read()
+
+
+def test_concurrent_requests_mixing_heads_are_answered_per_request(served, client, images, local):
+    heads = ["main", "both", "second"] * 8
+    jobs = [(images[i % len(images)], head) for i, head in enumerate(heads)]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        replies = list(pool.map(lambda job: client.predict(job[0], model="dhat", head=job[1]), jobs))
+    for (image, head), reply in zip(jobs, replies, strict=True):
+        assert reply == local_reply(local["dhat"], image, head=head)
+
+
+def test_ducat_recovered_and_raw_scores_with_the_signal(served, client, images, local):
+    for image in images[:4]:
+        recovered = client.predict(image, model="ducat")
+        assert recovered == local_reply(local["ducat"], image)
+        assert set(recovered["signal"]) == {"dummy_class_hit", "raw_prediction"}
+        raw = client.predict(image, model="ducat", mode="raw", top_k=20)
+        assert raw == local_reply(local["ducat"], image, mode="raw", top_k=20)
+        assert len(raw["top_k"]) == 20 and sum(e["name"].startswith("dummy of") for e in raw["top_k"]) == 10
+
+
+@pytest.mark.parametrize("k", [1, 5, 50])
+def test_knn_endpoint_returns_k_neighbours(k, served, client, images, local):
+    reply = client.predict(images[2], model="that_knn", k=k)
+    assert reply == local_reply(local["that_knn"], images[2], k=k)
+    assert len(reply["neighbours"]) == k and reply["signal"]["k"] == k
+    status, body = client.request("POST", f"/invocations?model_name=that_knn&k={k}", images[2], "image/png")
+    assert status == 200 and json.loads(body) == reply
+
+
+BAD = [
+    ("pgd_at", b"this is not an image", {}, "PNG or JPEG"),
+    ("pgd_at", "truncated", {}, ""),
+    ("pgd_at", "wrong size", {}, "expected a 28x28 image"),
+    ("dhat", "good", {"head": "third"}, "head must be one of main, second, both"),
+    ("that_knn", "good", {"k": 0}, "k must be from 1"),
+    ("that", "good", {"head": "main"}, "unknown parameter"),
+]
+
+
+@pytest.mark.parametrize(("model", "payload", "options", "message"), BAD)
+def test_bad_input_gets_a_4xx_json_message_and_the_next_request_is_served(model, payload, options, message, served,
+                                                                          client, images):
+    image = {"truncated": images[0][:70], "good": images[0]}.get(payload, payload)
+    if payload == "wrong size":
+        buffer = io.BytesIO()
+        Image.new("L", (32, 32)).save(buffer, format="PNG")
+        image = buffer.getvalue()
+    with pytest.raises(ClientError) as caught:
+        client.predict(image, model=model, **options)
+    assert 400 <= caught.value.status < 500 and message in caught.value.message
+    assert client.predict(images[0], model=model)["prediction"]["name"]
+
+
+def test_json_pixel_arrays_with_nan_get_a_400(served, client):
+    status, body = client.request("POST", "/predictions/pgd_at", json.dumps({"pixels": [[0.5] * 28] * 27 + [
+        [float("nan")] * 28]}).encode())
+    assert status == 400 and "nan" in json.loads(body)["error"].lower()
+
+
+def test_a_changed_archive_is_refused(served, served_store):
+    tampered = served_store / "tampered.mar"
+    with zipfile.ZipFile(served_store / "pgd_at.mar") as source, zipfile.ZipFile(tampered, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "best.safetensors":
+                data = data[:-1] + bytes([data[-1] ^ 1])
+            target.writestr(item, data)
+    management = Client(served.management_address, token=server.read_keys(served)["management"])
+    query = urllib.parse.urlencode({"url": "tampered.mar", "model_name": "tampered", "initial_workers": 1,
+                                    "synchronous": "true"})
+    try:
+        status, body = management.request("POST", f"/models?{query}", content_type="text/plain")
+        assert status >= 500, body
+        log = (served.log_dir / "model_log.log").read_text()
+        assert "refusing to load model tampered" in log and "does not match its SHA-256" in log
+    finally:
+        management.request("DELETE", "/models/tampered")
+        tampered.unlink()
+        shutil.rmtree(served_store / "tampered", ignore_errors=True)
+
+
+def test_prometheus_counts_requests_per_model_and_mode(served, client, images):
+    client.predict(images[3], model="dhat", head="both")
+    with pytest.raises(ClientError):
+        client.predict(b"not an image", model="dhat")
+    metrics = Client(served.metrics_address).request("GET", "/metrics")[1].decode()
+    lines = [line for line in metrics.splitlines() if line.startswith("RobustServeRequests{")]
+    assert any('ModelName="dhat"' in line and 'Mode="both"' in line for line in lines)
+    assert any('Mode="rejected"' in line for line in lines)

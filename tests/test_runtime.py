@@ -1,0 +1,204 @@
+"""The serving runtime on real archives, without TorchServe: every mode answers what the trained
+module predicts, with both backends; DUCAT's recovery, DH-AT's head signal and THAT's kNN match a
+local computation; a mixed batch is answered per request; bad input is a 4xx; a changed archive is
+refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from serving.runtime import MANIFEST_JSON, ArchiveError, Runtime
+from training.dummy_classes import recover_dummy_classes
+from training.evaluate import load_test_subset
+from training.knn import knn_search, knn_vote
+from training.runs import load_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N = 24
+
+
+def extract(store, name, dest):
+    """What TorchServe does with a .mar: unzip it into a folder."""
+    folder = dest / name
+    with zipfile.ZipFile(store / f"{name}.mar") as archive:
+        archive.extractall(folder)
+    return folder
+
+
+def png(pixels: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((pixels[0] * 255).round().byte().numpy(), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def test_images(served_runs):
+    info = json.loads((served_runs["dhat"] / "defense.json").read_text())
+    x, y, _ = load_test_subset(info, N, None)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def runtimes(served_store, tmp_path_factory):
+    """(model, backend) -> Runtime over the extracted archive."""
+    dest = tmp_path_factory.mktemp("extracted")
+    cache = {}
+
+    def get(name: str, backend: str = "onnx") -> Runtime:
+        if (name, backend) not in cache:
+            folder = dest / name if (dest / name).is_dir() else extract(served_store, name, dest)
+            cache[name, backend] = Runtime(folder, backend=backend, device="cpu")
+        return cache[name, backend]
+
+    return get
+
+
+def ask(runtime: Runtime, images: torch.Tensor, **options) -> list[dict]:
+    results = runtime.handle([{"body": png(x), **options} for x in images])
+    assert all(status == 200 for status, _ in results), results
+    return [reply for _, reply in results]
+
+
+CASES = [("pgd_at", "mode", "default"), ("trades", "mode", "default"), ("dhat", "head", "main"),
+         ("dhat", "head", "second"), ("dhat", "head", "both"), ("ducat", "mode", "recovered"),
+         ("ducat", "mode", "raw"), ("that", "mode", "classifier"), ("that_knn", "mode", "knn")]
+RUN_OF = {"that_knn": "that"}
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+@pytest.mark.parametrize(("model", "parameter", "mode"), CASES)
+def test_every_mode_answers_what_the_module_predicts(model, parameter, mode, backend, runtimes, served_runs,
+                                                     test_images):
+    x, _ = test_images
+    local = load_run(served_runs[RUN_OF.get(model, model)]).modes()[mode]
+    with torch.no_grad():
+        expected = local.module(x).argmax(1).tolist()
+    replies = ask(runtimes(model, backend), x, **{parameter: mode})
+    assert [r["prediction"]["index"] for r in replies] == expected
+    assert {r["mode"] for r in replies} == {mode} and {r["model"] for r in replies} == {model}
+    top = replies[0]["top_k"]
+    assert len(top) == 5 and top[0]["probability"] >= top[-1]["probability"]
+
+
+def test_dual_head_reports_disagreeing_heads(runtimes, served_runs, test_images):
+    x, _ = test_images
+    net = load_run(served_runs["dhat"]).model
+    with torch.no_grad():
+        main, second = net(x, output="main").argmax(1), net(x, output="second").argmax(1)
+    replies = ask(runtimes("dhat"), x, head="both")
+    assert [r["signal"]["heads_disagree"] for r in replies] == (main != second).tolist()
+    assert [r["signal"]["main_head"]["index"] for r in replies] == main.tolist()
+    assert [r["signal"]["second_head"]["index"] for r in replies] == second.tolist()
+
+
+def test_ducat_recovery_and_signal_match_local_computation(runtimes, served_runs, test_images):
+    x, _ = test_images
+    run = load_run(served_runs["ducat"])
+    modes = run.modes()
+    with torch.no_grad():
+        logits = run.model(x)
+    pairing = modes["recovered"].module.pairing
+    predicted, hit = recover_dummy_classes(logits, pairing)
+    recovered = ask(runtimes("ducat"), x)  # recovered is the default mode
+    assert [r["prediction"]["index"] for r in recovered] == predicted.tolist()
+    assert [r["signal"]["dummy_class_hit"] for r in recovered] == hit.tolist()
+    raw = ask(runtimes("ducat"), x, mode="raw", top_k=20)
+    assert [r["prediction"]["index"] for r in raw] == logits.argmax(1).tolist()
+    probabilities = np.array([[e["probability"] for e in sorted(r["top_k"], key=lambda e: e["index"])] for r in raw])
+    np.testing.assert_allclose(probabilities, torch.softmax(logits, 1).numpy(), atol=1e-5)
+    names = {e["index"]: e["name"] for e in raw[0]["top_k"]}
+    assert names[pairing.dummy_of[0]] == f"dummy of {names[0]}"
+
+
+@pytest.mark.parametrize("k", [1, 7, 50])
+def test_knn_neighbours_and_scores_match_exact_search_and_eq8(k, runtimes, served_runs, test_images):
+    x, _ = test_images
+    knn = load_run(served_runs["that"]).modes()["knn"]
+    bank = knn.module.bank
+    with torch.no_grad():
+        queries = knn.exported(x)
+    similarities, rows = knn_search(queries, bank.features, k)
+    scores = knn_vote(queries, bank, k, knn.module.temperature)
+    replies = ask(runtimes("that_knn"), x, k=k, top_k=10)
+    for i, reply in enumerate(replies):
+        neighbours = reply["neighbours"]
+        assert len(neighbours) == k and reply["signal"]["k"] == k
+        np.testing.assert_allclose([n["similarity"] for n in neighbours], similarities[i].numpy(), atol=1e-5)
+        assert {n["id"] for n in neighbours} == set(bank.ids[rows[i]].tolist())
+        assert [n["label"] for n in neighbours] == [int(bank.labels[bank.ids.tolist().index(n["id"])])
+                                                    for n in neighbours]
+        assert reply["prediction"]["index"] == int(scores[i].argmax())
+        shares = {e["index"]: e["probability"] for e in reply["top_k"]}
+        expected = scores[i] / scores[i].sum()
+        for index, share in shares.items():
+            assert share == pytest.approx(float(expected[index]), abs=1e-5)
+        agree = sum(n["label"] == reply["prediction"]["index"] for n in neighbours) / k
+        assert reply["signal"]["agreement"] == pytest.approx(agree)
+
+
+def test_one_batch_mixing_heads_and_bad_input_is_answered_per_request(runtimes, served_runs, test_images):
+    x, _ = test_images
+    net = load_run(served_runs["dhat"]).model
+    heads = ["main", "both", "second", "both", "main"]
+    batch = [{"body": png(x[i]), "head": bytearray(head.encode())} for i, head in enumerate(heads)]
+    batch.insert(2, {"body": b"not an image", "head": bytearray(b"main")})
+    batch.insert(4, {"body": png(x[0]), "head": bytearray(b"third")})
+    results = runtimes("dhat").handle(batch)
+    statuses = [status for status, _ in results]
+    assert statuses == [200, 200, 415, 200, 400, 200, 200] or statuses == [200, 200, 400, 200, 400, 200, 200]
+    answered = [reply for status, reply in results if status == 200]
+    with torch.no_grad():
+        for i, (head, reply) in enumerate(zip(heads, answered, strict=True)):
+            assert reply["mode"] == head
+            assert reply["prediction"]["index"] == int(net(x[i:i + 1], output=head).argmax())
+    assert "head must be one of main, second, both" in results[4][1]["error"]
+
+
+@pytest.mark.parametrize(("fields", "status", "message"), [
+    ({"body": b""}, 400, "no image"),
+    ({"data": b"\x89PNG\r\n\x1a\n" + b"\0" * 30}, None, ""),
+    ({"body": {"image": "not base64!"}}, None, ""),
+    ({"body": {"pixels": [[0.5] * 28] * 27}}, 400, "28"),
+    ({"body": {"pixels": [[0.5] * 28] * 28, "top_k": 0}}, 400, "top_k"),
+    ({"body": {"pixels": [[0.5] * 28] * 28, "hed": "both"}}, 400, "unknown parameter"),
+    ({"body": {"pixels": [[0.5] * 28] * 28}, "head": bytearray(b"all")}, 400, "head must be one of"),
+    ({"body": {"pixels": [[0.5] * 28] * 28, "head": "main"}, "head": bytearray(b"both")}, 400, "given twice"),
+])
+def test_bad_requests_get_a_4xx_with_a_message(fields, status, message, runtimes):
+    [(got, reply)] = runtimes("dhat").handle([fields])
+    assert 400 <= got < 500 and (status is None or got == status)
+    assert message in reply["error"] and reply["status"] == got
+
+
+@pytest.mark.parametrize("k", [0, -1, "five", 10**6])
+def test_knn_k_out_of_range_is_a_400(k, runtimes):
+    [(status, reply)] = runtimes("that_knn").handle([{"body": {"pixels": [[0.5] * 28] * 28, "k": k}}])
+    assert status == 400 and "k must be" in reply["error"]
+
+
+def test_truncated_png_is_a_4xx(runtimes, test_images):
+    x, _ = test_images
+    [(status, reply)] = runtimes("pgd_at").handle([{"body": png(x[0])[:60]}])
+    assert 400 <= status < 500 and reply["error"]
+
+
+def test_changed_archive_is_refused(served_store, tmp_path):
+    folder = extract(served_store, "pgd_at", tmp_path)
+    Runtime(folder)  # loads as packaged
+    weights = folder / "best.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArchiveError, match="best.safetensors does not match its SHA-256"):
+        Runtime(folder)
+    (folder / MANIFEST_JSON).unlink()
+    with pytest.raises(ArchiveError, match="no readable MANIFEST.json"):
+        Runtime(folder)
