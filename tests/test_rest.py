@@ -16,6 +16,7 @@ import urllib.parse
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -139,10 +140,30 @@ def test_ducat_recovered_and_raw_scores_with_the_signal(served, client, images, 
 
 
 @pytest.mark.parametrize("k", [1, 5, 50])
-def test_knn_endpoint_returns_k_neighbours(k, served, client, images, local):
+def test_knn_endpoint_returns_k_neighbours_of_a_local_faiss_search_and_eq8(k, served, client, images, local,
+                                                                            served_runs):
+    import faiss
+
+    from training.knn import knn_vote
+    from training.runs import load_run
+
     reply = client.predict(images[2], model="that_knn", k=k)
     assert reply == local_reply(local["that_knn"], images[2], k=k)
     assert len(reply["neighbours"]) == k and reply["signal"]["k"] == k
+    knn = load_run(served_runs["that"]).modes()["knn"]
+    bank = knn.module.bank
+    index = faiss.IndexFlatIP(bank.features.shape[1])
+    index.add(bank.features.numpy())
+    with torch.no_grad():
+        query = knn.exported(torch.from_numpy(np.asarray(Image.open(io.BytesIO(images[2])), dtype=np.float32)
+                                              / 255)[None, None])
+    similarities, rows = index.search(query.numpy(), k)
+    assert [n["id"] for n in reply["neighbours"]] == bank.ids[rows[0]].tolist()
+    np.testing.assert_allclose([n["similarity"] for n in reply["neighbours"]], similarities[0], atol=1e-5)
+    scores = knn_vote(query, bank, k, knn.module.temperature)[0]
+    assert reply["prediction"]["index"] == int(scores.argmax())
+    for entry in reply["top_k"]:
+        assert entry["probability"] == pytest.approx(float(scores[entry["index"]] / scores.sum()), abs=1e-5)
     status, body = client.request("POST", f"/invocations?model_name=that_knn&k={k}", images[2], "image/png")
     assert status == 200 and json.loads(body) == reply
 
@@ -207,3 +228,17 @@ def test_prometheus_counts_requests_per_model_and_mode(served, client, images):
     lines = [line for line in metrics.splitlines() if line.startswith("RobustServeRequests{")]
     assert any('ModelName="dhat"' in line and 'Mode="both"' in line for line in lines)
     assert any('Mode="rejected"' in line for line in lines)
+
+
+def test_predict_command_prints_the_reply(served, images, local, tmp_path, capsys):
+    from serving.cli import main
+
+    image = tmp_path / "x.png"
+    image.write_bytes(images[4])
+    common = ["--url", served.inference_address, "--state-dir", str(served.state_dir)]
+    assert main(["predict", str(image), "--model", "dhat", "--head", "both", *common]) == 0
+    assert json.loads(capsys.readouterr().out) == local_reply(local["dhat"], images[4], head="both")
+    assert main(["predict", str(image), "--knn", "--k", "3", *common]) == 0
+    assert len(json.loads(capsys.readouterr().out)["neighbours"]) == 3
+    assert main(["predict", str(image), "--model", "dhat", "--mode", "raw", *common]) == 2
+    assert "unknown parameter(s) mode" in capsys.readouterr().err

@@ -202,3 +202,22 @@ def test_changed_archive_is_refused(served_store, tmp_path):
     (folder / MANIFEST_JSON).unlink()
     with pytest.raises(ArchiveError, match="no readable MANIFEST.json"):
         Runtime(folder)
+
+
+def test_ivf_index_searching_every_cell_finds_what_the_flat_index_finds(served_runs, tmp_path, test_images):
+    from serving.package import PackageSettings, package_run
+
+    settings = PackageSettings(knn_index="ivf", nlist=8, nprobe=8)
+    [archive] = package_run(served_runs["that"], model_store=tmp_path / "store", settings=settings, names=["that_knn"])
+    ivf = Runtime(extract(archive.parent, "that_knn", tmp_path), device="cpu")
+    served = json.loads((tmp_path / "that_knn" / "served.json").read_text())
+    assert served["extra"]["knn_index"] == {"kind": "ivf", "vectors": len(ivf.context.bank), "nlist": 8, "nprobe": 8}
+    knn = load_run(served_runs["that"]).modes()["knn"]
+    x, _ = test_images
+    with torch.no_grad():
+        expected = knn.module(x).argmax(1).tolist()
+    replies = ask(ivf, x, k=knn.module.k)
+    assert [r["prediction"]["index"] for r in replies] == expected
+    _, rows = knn_search(knn.exported(x).detach(), knn.module.bank.features, knn.module.k)
+    for reply, row in zip(replies, rows, strict=True):
+        assert {n["id"] for n in reply["neighbours"]} == set(knn.module.bank.ids[row].tolist())
