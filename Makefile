@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages the product needs: Java for TorchServe, the default dataset.
-APT_PACKAGES := openjdk-17-jre-headless dataset-fashion-mnist
+# Debian packages the product needs: Java for TorchServe, the default dataset, Chromium for the demo's browser test.
+APT_PACKAGES := openjdk-17-jre-headless dataset-fashion-mnist chromium
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: run test install system clean
@@ -25,6 +25,7 @@ system:
 	   [ "$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)" -lt 11 ]; then \
 	  missing="$$missing openjdk-17-jre-headless"; fi; \
 	[ -f $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \

@@ -389,9 +389,12 @@ def format_table(result: dict[str, Any], title: str | None = None) -> str:
     return "\n".join(lines)
 
 
+from .bench_serve import bench_serve  # re-exported here, below what it imports lazily from this module
+
 # What `robustserve bench WHAT` runs; each takes keyword settings and returns a JSON-able dict.
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "attacks": bench_attacks,
     "at-step": bench_at_step,
     "all": run_benchmarks,
+    "serve": bench_serve,
 }

@@ -253,7 +253,7 @@ def serve_runs(run_dirs: list[Path], model_store: Path) -> None:
     if server.stop(settings):
         print("== stopped the TorchServe that was running from this folder", flush=True)
     state = server.start(settings)
-    image = write_example_image(run_dirs[0], settings.state_dir / "example.png")
+    image = write_example_image(run_dirs[0], settings.state_dir.absolute() / "example.png")
     print(f"== TorchServe is serving {', '.join(state.models)} on {state.inference_address} (127.0.0.1 only; the API "
           f"keys are in {state.key_file}; `robustserve serve stop` stops it). Try:")
     print("\n".join(curl_examples(state.inference_address, state.key_file, image, models)))
@@ -382,6 +382,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- demo
+
+
+def _configure_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--state-dir", type=Path, default=Path("runs/torchserve"),
+                   help="the running TorchServe's folder: its config.properties and key_file.json (inference key)")
+    p.add_argument("--runs", type=Path, default=Path("runs"),
+                   help="folder of the run folders (<recipe>-quick-fashion_mnist-smallcnn) the white-box attacks load")
+    p.add_argument("--data-root", help="dataset folder for the test images and kNN neighbours (default: the runs')")
+
+
+@command("demo", "the Gradio demo: attack live inputs and compare every served defense over REST", _configure_demo)
+def cmd_demo(args: argparse.Namespace) -> int:
+    from demo.app import Demo, default_run_dirs, launch, state_dir_client
+
+    backend = Demo(state_dir_client(args.state_dir), default_run_dirs(args.runs), data_root=args.data_root)
+    print(f"robustserve demo on http://{args.host}:{args.port} (TorchServe from {args.state_dir}); Ctrl-C stops it",
+          flush=True)
+    launch(backend, host=args.host, port=args.port)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- bench
 
 
@@ -390,7 +414,8 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("what", choices=list(BENCHMARKS),
                    help="attacks: our PGD-10 beside torchattacks' on one model and batch; at-step: one PGD-10 "
-                        "adversarial-training step (bf16 on GPU) in img/s and model TFLOP/s; all: both (at-step on GPU)")
+                        "adversarial-training step (bf16 on GPU) in img/s and model TFLOP/s; all: both (at-step on GPU); "
+                        "serve: the served defenses over REST against their bare forwards, ONNX vs eager, kNN indexes")
     p.add_argument("--arch", help="architecture (default: smallcnn for attacks, preactresnet18 for at-step)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--steps", type=int, help="PGD steps (default 10)")
@@ -398,6 +423,9 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--peak-tflops", type=float, help="the device's bf16 dense peak for at-step (default: H100's 989)")
     p.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    p.add_argument("--runs", type=Path, help="serve: folder of the <recipe>-quick-* runs to serve (default: runs)")
+    p.add_argument("--requests", type=int, help="serve: REST requests per endpoint and client count (default 200)")
+    p.add_argument("--quick", action="store_true", help="serve: a few requests, small kNN banks, a tiny ResNet-18")
 
 
 @command("bench", "benchmarks: throughput figures, compared as ratios within one run", _configure_bench)
@@ -408,6 +436,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 if getattr(args, k) is not None}
     if args.what == "attacks":
         settings.pop("peak_tflops", None)
+    if args.what == "serve":
+        settings = {key: value for key, value in (("runs_root", args.runs), ("requests", args.requests),
+                                                  ("repeats", args.repeats)) if value is not None}
+        settings["quick"] = args.quick
     figures = BENCHMARKS[args.what](**settings)
     print(format_table(figures, title=f"bench {args.what}"))
     if args.json:

@@ -31,10 +31,11 @@ def _faiss():
 
 
 def build_index(features: np.ndarray, kind: str = "flat", *, nlist: int | None = None, nprobe: int = 16,
-                seed: int = 0):
+                seed: int = 0, train_sample: np.ndarray | None = None):
     """A CPU FAISS inner-product index over ``features`` [N, D] (float32, unit-norm rows).
 
-    ``ivf``: ``nlist`` cells (default about 4 sqrt(N)) trained by k-means on the bank itself.
+    ``ivf``: ``nlist`` cells (default about 4 sqrt(N)) trained by k-means on ``train_sample`` when
+    given (e.g. a random subset of a large bank, to bound the k-means time), else on the bank itself.
     """
     faiss = _faiss()
     features = np.ascontiguousarray(features, dtype=np.float32)
@@ -42,11 +43,12 @@ def build_index(features: np.ndarray, kind: str = "flat", *, nlist: int | None =
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "ivf":
-        nlist = nlist or max(1, min(n // 39, int(4 * np.sqrt(n))))  # FAISS wants >= 39 points per cell
+        sample = features if train_sample is None else np.ascontiguousarray(train_sample, dtype=np.float32)
+        nlist = nlist or max(1, min(len(sample) // 39, int(4 * np.sqrt(n))))  # FAISS wants >= 39 points per cell
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
-        index.train(features)
+        index.train(sample)
         index.nprobe = min(nprobe, nlist)
     else:
         raise ValueError(f"index kind must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
