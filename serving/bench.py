@@ -389,7 +389,8 @@ def format_table(result: dict[str, Any], title: str | None = None) -> str:
     return "\n".join(lines)
 
 
-from .bench_serve import bench_serve  # re-exported here, below what it imports lazily from this module
+from .bench_load import bench_load  # re-exported here, below what it imports lazily from this module
+from .bench_serve import bench_serve  # likewise
 
 # What `robustserve bench WHAT` runs; each takes keyword settings and returns a JSON-able dict.
 BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -397,4 +398,5 @@ BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     "at-step": bench_at_step,
     "all": run_benchmarks,
     "serve": bench_serve,
+    "load": bench_load,
 }

@@ -20,7 +20,7 @@ Parts (one function each):
 7. ``knn``: FAISS flat against IVF search over THAT's real memory bank and synthetic banks.
 
 Every time comes from ``_timed_calls`` (wall time of each call, ``time.perf_counter``, callables
-interleaved round-robin so that machine noise hits them alike) and ``_percentiles``.
+interleaved round-robin so that machine noise hits them alike) and ``percentiles``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import io
 import itertools
 import json
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -47,6 +46,8 @@ import torch
 
 from training.errors import ConfigError
 
+from .server import ServerSettings
+
 # serving.bench registers bench_serve in its BENCHMARKS and re-exports it, so this module imports it lazily.
 
 PLAIN, DHAT, DUCAT, THAT = "pgd_at", "dhat", "ducat", "that"
@@ -54,7 +55,8 @@ RECIPES = (PLAIN, DHAT, DUCAT, THAT)  # the runs served; PGD-AT is also DUCAT's 
 RESNET_MODEL = "natural"  # the ResNet-18 run is served under its recipe's model name
 RESNET_IMAGE_SIZE = ("ROBUSTSERVE_IMAGE_SIZE", "32")  # the ImageFolder loader's image size, for its data
 KNN_K = 50
-BATCH_SIZE, MAX_BATCH_DELAY_MS = 8, 2  # TorchServe dynamic batching
+# TorchServe dynamic batching as `robustserve serve start` sets it, so the figures are the served system's.
+BATCH_SIZE, MAX_BATCH_DELAY_MS = ServerSettings.batch_size, ServerSettings.max_batch_delay_ms
 TEMP_PREFIX = "robustserve-bench-serve-"  # the temporary folder (model store, server state); tests look for it
 TARGETS = {"resnet18_e2e_over_forward": 1.3, "dhat_main_over_flop_prediction": 1.10, "ducat_over_base_infer": 1.05,
            "onnx_over_eager": 1.0, "knn_recall": 0.95, "knn_speedup": 10.0}
@@ -68,6 +70,12 @@ class Endpoint:
     model: str  # TorchServe model name
     options: Mapping[str, Any] = field(default_factory=dict)  # request parameters (query string)
     images: str = "fashion"  # which test images it takes
+
+    @property
+    def path(self) -> str:
+        """What a client POSTs the raw image to: ``/predictions/<model>?<options>``."""
+        query = "?" + urllib.parse.urlencode(self.options) if self.options else ""
+        return f"/predictions/{self.model}{query}"
 
 
 def endpoints(knn_k: int, resnet: bool) -> list[Endpoint]:
@@ -133,19 +141,22 @@ def _timed_calls(calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: i
     return times
 
 
-def _percentiles(times_ms: Sequence[float]) -> dict[str, float]:
+def percentiles(times_ms: Sequence[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(times_ms, 50)), "p99_ms": float(np.percentile(times_ms, 99))}
 
 
 def _p50(calls: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    return {name: _percentiles(times)["p50_ms"] for name, times in _timed_calls(calls, repeats).items()}
+    return {name: percentiles(times)["p50_ms"] for name, times in _timed_calls(calls, repeats).items()}
 
 
 # ---------------------------------------------------------------------------------------------- runs and archives
 
 
-def find_runs(runs_root: str | Path = "runs", runs: Mapping[str, str | Path] | None = None) -> dict[str, Path]:
-    """The finished run of each served recipe: ``runs[recipe]``, else the first ``<runs_root>/<recipe>-quick-*``."""
+def find_runs(runs_root: str | Path = "runs", runs: Mapping[str, str | Path] | None = None, *,
+              benchmark: str = "serve") -> dict[str, Path]:
+    """The finished run of each served recipe: ``runs[recipe]``, else the first ``<runs_root>/<recipe>-quick-*``.
+
+    ``benchmark`` names the caller in the error that says a run is missing."""
     from training.engine import run_finished
 
     found: dict[str, Path] = {}
@@ -154,7 +165,7 @@ def find_runs(runs_root: str | Path = "runs", runs: Mapping[str, str | Path] | N
         finished = [c for c in candidates if run_finished(c)]
         if not finished:
             where = candidates[0] if runs and recipe in runs else Path(runs_root) / f"{recipe}-quick-*"
-            raise ConfigError(f"bench serve needs a finished {recipe} run and found none at {where}; train one "
+            raise ConfigError(f"bench {benchmark} needs a finished {recipe} run and found none at {where}; train one "
                               f"(`robustserve run --no-serve`) or name it in runs={{{recipe!r}: FOLDER}}")
         found[recipe] = finished[0]
     return found
@@ -243,12 +254,25 @@ def train_resnet18(folder: Path, *, classes: int = 10, train_per_class: int = 20
 # ---------------------------------------------------------------------------------------------- 1. REST
 
 
-def _free_ports(n: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
+def server_settings(store: Path, models: Sequence[str], state_dir: Path):
+    """A ``server.ServerSettings`` for ``models`` of ``store`` on free loopback ports, batching as served."""
+    from serving import server
+
+    return server.ServerSettings(model_store=store, state_dir=state_dir, batch_size=BATCH_SIZE,
+                                 max_batch_delay_ms=MAX_BATCH_DELAY_MS, models=tuple(f"{m}.mar" for m in models),
+                                 **server.free_server_ports())
+
+
+@contextlib.contextmanager
+def started(settings) -> Iterator[Any]:
+    """TorchServe started with ``settings`` (a ``server.ServerSettings``), stopped on the way out whatever happens."""
+    from serving import server
+
+    try:
+        server.start(settings)
+        yield settings
+    finally:
+        server.stop(settings)
 
 
 @contextlib.contextmanager
@@ -256,16 +280,8 @@ def running_server(store: Path, models: Sequence[str], state_dir: Path) -> Itera
     """A TorchServe over ``store`` on free loopback ports, stopped on the way out; yields (url, inference key)."""
     from serving import server
 
-    ports = dict(zip(["inference_port", "management_port", "metrics_port", "grpc_inference_port",
-                      "grpc_management_port"], _free_ports(5), strict=True))
-    settings = server.ServerSettings(model_store=store, state_dir=state_dir, batch_size=BATCH_SIZE,
-                                     max_batch_delay_ms=MAX_BATCH_DELAY_MS, models=tuple(f"{m}.mar" for m in models),
-                                     **ports)
-    try:
-        server.start(settings)
+    with started(server_settings(store, models, state_dir)) as settings:
         yield settings.inference_address, server.read_keys(settings)["inference"]
-    finally:
-        server.stop(settings)
 
 
 def rest_load(url: str, token: str, endpoint: Endpoint, bodies: Sequence[bytes], clients: int,
@@ -275,9 +291,7 @@ def rest_load(url: str, token: str, endpoint: Endpoint, bodies: Sequence[bytes],
 
     from .bench import BenchmarkError
 
-    path = f"/predictions/{endpoint.model}"
-    if endpoint.options:
-        path += "?" + urllib.parse.urlencode(endpoint.options)
+    path = endpoint.path
     counts = [requests // clients + (i < requests % clients) for i in range(clients)]
     latencies: list[list[float]] = [[] for _ in range(clients)]
     spans: list[tuple[float, float]] = []
@@ -304,17 +318,19 @@ def rest_load(url: str, token: str, endpoint: Endpoint, bodies: Sequence[bytes],
     if failures:
         raise BenchmarkError(f"{endpoint.label}: {len(failures)} of {requests} requests failed, e.g. {failures[0]}")
     wall = max(end for _, end in spans) - min(start for start, _ in spans)
-    return {**_percentiles([t for thread in latencies for t in thread]), "req_s": requests / wall}
+    return {**percentiles([t for thread in latencies for t in thread]), "req_s": requests / wall}
 
 
 def bench_rest(url: str, token: str, points: Sequence[Endpoint], images: Mapping[str, Sequence[bytes]],
                clients: Sequence[int], requests: int) -> dict[str, dict[str, float]]:
-    """Part 1: per endpoint and client count, after a warm-up of two requests per client."""
+    """Part 1: per endpoint and client count, after a warm-up of max(20, 2 x clients) requests."""
     results: dict[str, dict[str, float]] = {}
     for endpoint in points:
         figures: dict[str, float] = {}
         for n in clients:
-            rest_load(url, token, endpoint, images[endpoint.images], n, 2 * n)  # warm-up
+            # Warm-up: the first endpoint measured also pays for the JVM warming up (measured: its c1 p50 ~1.7x
+            # the others' after 2 requests per client), so each endpoint gets at least 20 first.
+            rest_load(url, token, endpoint, images[endpoint.images], n, max(20, 2 * n))
             load = rest_load(url, token, endpoint, images[endpoint.images], n, requests)
             figures.update({f"c{n}_{key}": value for key, value in load.items()})
         results[endpoint.label] = figures

@@ -187,7 +187,10 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", type=Path, default=Path("RESULTS.md"), help="where to write the results table")
     p.add_argument("--model-store", type=Path, default=Path("model_store"))
     p.add_argument("--no-serve", action="store_true",
-                   help="stop after the results: do not package the runs or (re)start TorchServe")
+                   help="stop after the results: do not package the runs, (re)start TorchServe or open the demo")
+    p.add_argument("--no-demo", action="store_true",
+                   help="stop once TorchServe serves the runs, without opening the Gradio demo")
+    p.add_argument("--demo-port", type=int, default=7860, help="the demo's port on 127.0.0.1")
 
 
 @command("run", "the main job: train every recipe (reusing finished runs), evaluate, print the results table",
@@ -233,13 +236,17 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"defense starts from. Each run's `report.md` has the details.\n\n")
     write_text(args.results, header + table + "\n")
     print(table)
-    if not args.no_serve:
-        serve_runs(run_dirs, args.model_store)
+    if args.no_serve:
+        return 0
+    state_dir = serve_runs(run_dirs, args.model_store)
+    if not args.no_demo:
+        run_demo(state_dir, args.runs, host="127.0.0.1", port=args.demo_port)
     return 0
 
 
-def serve_runs(run_dirs: list[Path], model_store: Path) -> None:
-    """Package every run, (re)start TorchServe over the store and print a curl example per behaviour."""
+def serve_runs(run_dirs: list[Path], model_store: Path) -> Path:
+    """Package every run, (re)start TorchServe over the store, print a curl example per behaviour and
+    return the server's state folder."""
     from serving import server
     from serving.client import curl_examples, write_example_image
     from serving.package import package_run
@@ -257,6 +264,7 @@ def serve_runs(run_dirs: list[Path], model_store: Path) -> None:
     print(f"== TorchServe is serving {', '.join(state.models)} on {state.inference_address} (127.0.0.1 only; the API "
           f"keys are in {state.key_file}; `robustserve serve stop` stops it). Try:")
     print("\n".join(curl_examples(state.inference_address, state.key_file, image, models)))
+    return settings.state_dir
 
 
 # ---------------------------------------------------------------------------------------------- export / package
@@ -397,13 +405,21 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
 
 @command("demo", "the Gradio demo: attack live inputs and compare every served defense over REST", _configure_demo)
 def cmd_demo(args: argparse.Namespace) -> int:
+    run_demo(args.state_dir, args.runs, host=args.host, port=args.port, data_root=args.data_root)
+    return 0
+
+
+def run_demo(state_dir: Path, runs_root: Path, *, host: str, port: int, data_root: str | None = None) -> None:
+    """Serve the Gradio demo against the TorchServe of ``state_dir`` until Ctrl-C."""
     from demo.app import Demo, default_run_dirs, launch, state_dir_client
 
-    backend = Demo(state_dir_client(args.state_dir), default_run_dirs(args.runs), data_root=args.data_root)
-    print(f"robustserve demo on http://{args.host}:{args.port} (TorchServe from {args.state_dir}); Ctrl-C stops it",
-          flush=True)
-    launch(backend, host=args.host, port=args.port)
-    return 0
+    backend = Demo(state_dir_client(state_dir), default_run_dirs(runs_root), data_root=data_root)
+    print(f"== robustserve demo on http://{host}:{port} (TorchServe from {state_dir}); Ctrl-C stops the demo, "
+          f"`robustserve serve stop` the server", flush=True)
+    try:
+        launch(backend, host=host, port=port)
+    except KeyboardInterrupt:
+        print("== demo stopped", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -415,7 +431,9 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=list(BENCHMARKS),
                    help="attacks: our PGD-10 beside torchattacks' on one model and batch; at-step: one PGD-10 "
                         "adversarial-training step (bf16 on GPU) in img/s and model TFLOP/s; all: both (at-step on GPU); "
-                        "serve: the served defenses over REST against their bare forwards, ONNX vs eager, kNN indexes")
+                        "serve: the served defenses over REST against their bare forwards, ONNX vs eager, kNN indexes; "
+                        "load: concurrent clients on every served endpoint (failures, p50/p99, req/s), "
+                        "optionally with a worker killed under it")
     p.add_argument("--arch", help="architecture (default: smallcnn for attacks, preactresnet18 for at-step)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--steps", type=int, help="PGD steps (default 10)")
@@ -423,9 +441,14 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--peak-tflops", type=float, help="the device's bf16 dense peak for at-step (default: H100's 989)")
     p.add_argument("--json", type=Path, help="also write the figures as JSON here")
-    p.add_argument("--runs", type=Path, help="serve: folder of the <recipe>-quick-* runs to serve (default: runs)")
+    p.add_argument("--runs", type=Path,
+                   help="serve, load: folder of the <recipe>-quick-* runs to serve (default: runs)")
     p.add_argument("--requests", type=int, help="serve: REST requests per endpoint and client count (default 200)")
     p.add_argument("--quick", action="store_true", help="serve: a few requests, small kNN banks, a tiny ResNet-18")
+    p.add_argument("--clients", type=int, help="load: concurrent clients (default 8, at most 64)")
+    p.add_argument("--seconds", type=float, help="load: seconds of load per phase (default 30, at most 600)")
+    p.add_argument("--kill-worker", metavar="MODEL",
+                   help="load: then load again and SIGKILL MODEL's worker a third of the way in; measure the recovery")
 
 
 @command("bench", "benchmarks: throughput figures, compared as ratios within one run", _configure_bench)
@@ -440,6 +463,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         settings = {key: value for key, value in (("runs_root", args.runs), ("requests", args.requests),
                                                   ("repeats", args.repeats)) if value is not None}
         settings["quick"] = args.quick
+    if args.what == "load":
+        settings = {key: value for key, value in (("runs_root", args.runs), ("clients", args.clients),
+                                                  ("seconds", args.seconds), ("kill_worker", args.kill_worker))
+                    if value is not None}
     figures = BENCHMARKS[args.what](**settings)
     print(format_table(figures, title=f"bench {args.what}"))
     if args.json:

@@ -15,6 +15,7 @@ import base64
 import json
 import urllib.error
 import urllib.request
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,8 @@ class Client:
             reply = {"error": raw.decode("utf-8", "replace")[:500]}
         if status != 200:
             message = reply.get("error") or reply.get("message") if isinstance(reply, dict) else str(reply)
-            raise ClientError(status, str(message))
+            # TorchServe's frontend answers some refusals itself with an empty body (413 over max_request_size).
+            raise ClientError(status, str(message) if message else HTTPStatus(status).phrase)
         return reply
 
     def ping(self) -> bool:

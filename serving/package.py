@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from typing import Any
 
 from training.checkpoint import BEST, DEFENSE_JSON, CheckpointError, read_defense_json
 from training.dummy_classes import PAIRING_FILE
-from training.errors import ConfigError, RobustServeError
+from training.errors import ConfigError, RobustServeError, cannot_write
 from training.evaluate import REPORT_JSON
 from training.export import EXPORT_DIR, EXPORT_JSON, current_export, export_run
 from training.knn import MEMORY_BANK, MemoryBank
@@ -37,6 +38,7 @@ from .knn_index import FAISS_INDEX, INDEX_KINDS, build_index
 from .runtime import BACKENDS, SERVED_JSON, ServedInfo, write_manifest
 
 HANDLERS_DIR = Path(__file__).resolve().parent.parent / "handlers"
+STORE_FIX = "choose another --model-store"  # the way out of a full or read-only model store
 
 
 @dataclass(frozen=True)
@@ -132,13 +134,16 @@ def _archive(served: ServedModel, staging: Path, settings: PackageSettings, mode
                    "--export-path", str(out), "--archive-format", "default", "--force"]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            raise PackageError(f"torch-model-archiver failed for {served.name}: "
-                               f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+            last = ((done.stderr or done.stdout).strip().splitlines() or ["(no output)"])[-1]
+            code = re.search(r"\[Errno (\d+)\]", last)
+            if code:  # the archiver's own write failed (a full disk): said as every other failed write
+                raise OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+            raise PackageError(f"torch-model-archiver failed for {served.name}: {last}")
         target = model_store / f"{served.name}.mar"
         os.replace(out / f"{served.name}.mar", target)
         return target
     except OSError as err:
-        raise PackageError(f"cannot write the archive for {served.name} into {model_store}: {err}") from err
+        raise PackageError(cannot_write(model_store / f"{served.name}.mar", err, STORE_FIX)) from err
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -152,7 +157,10 @@ def package_run(run_dir: str | Path, *, model_store: str | Path = "model_store",
     info = read_defense_json(run_dir)
     if not info.get("finished", False):
         raise CheckpointError(f"{run_dir} is not a finished run; train it to the end first")
-    model_store.mkdir(parents=True, exist_ok=True)
+    try:
+        model_store.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PackageError(cannot_write(model_store, err, STORE_FIX)) from err
     export = current_export(run_dir) or export_run(run_dir)
     served = served_models_of(info["defense"])
     if names:
@@ -163,7 +171,10 @@ def package_run(run_dir: str | Path, *, model_store: str | Path = "model_store",
         served = [m for m in served if m.name in names]
     archives = []
     for model in served:
-        with tempfile.TemporaryDirectory(prefix=f".{model.name}.staging.", dir=model_store) as staging:
-            _stage(run_dir, model, export, settings, Path(staging))
-            archives.append(_archive(model, Path(staging), settings, model_store))
+        try:
+            with tempfile.TemporaryDirectory(prefix=f".{model.name}.staging.", dir=model_store) as staging:
+                _stage(run_dir, model, export, settings, Path(staging))
+                archives.append(_archive(model, Path(staging), settings, model_store))
+        except OSError as err:  # staging: a full or read-only model store (the folder is removed on the way out)
+            raise PackageError(cannot_write(model_store / f"{model.name}.mar", err, STORE_FIX)) from err
     return archives

@@ -44,12 +44,17 @@ class ModelContext:
     bank: FaissMemoryBank | None = None  # THAT kNN
 
     def raw_class_names(self) -> tuple[str, ...]:
-        """DUCAT's 2C output names: the real classes, then "dummy of <class>" at each dummy's index."""
+        """DUCAT's 2C output names: the real classes, then the dummies.
+
+        With the paper's public layout (k -> k + C) output C + k is "dummy of <class k>". A secret pairing
+        is not spelled out to every client: its dummy outputs are only numbered ("dummy 0" is output C),
+        and the recovered prediction, which needs the pairing, is computed here, server-side.
+        """
         assert self.pairing is not None
-        names = list(self.class_names) + [""] * len(self.class_names)
-        for real, dummy in enumerate(self.pairing.dummy_of):
-            names[dummy] = f"dummy of {self.class_names[real]}"
-        return tuple(names)
+        c = len(self.class_names)
+        if not self.pairing.is_identity:
+            return tuple(self.class_names) + tuple(f"dummy {j}" for j in range(c))
+        return tuple(self.class_names) + tuple(f"dummy of {name}" for name in self.class_names)
 
 
 Reply = dict[str, Any]

@@ -17,6 +17,7 @@ through the backend (PyTorch eager or ONNX Runtime), then through the mode's pos
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,8 +135,12 @@ def _text(value: Any) -> Any:
 
 def _integer(name: str, value: Any, low: int, high: int) -> int:
     value = _text(value)
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())):
-        raise RequestError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    text = value.strip() if isinstance(value, str) else ""
+    # ASCII digits only: str.isdigit() also accepts e.g. "²", which int() refuses; and at most 18 of them, so
+    # that int() never meets Python's 4300-digit limit (either would raise ValueError: a 500, not a 400).
+    digits = 0 < len(text) <= 18 and text.isascii() and text.isdigit()
+    if isinstance(value, bool) or not (isinstance(value, int) or digits):
+        raise RequestError(f"{name} must be an integer from {low} to {high}, got {reprlib.repr(value)}")
     number = int(value)
     if not low <= number <= high:
         raise RequestError(f"{name} must be from {low} to {high}, got {number}")
@@ -197,10 +202,14 @@ class Runtime:
         if len(payloads) > 1:
             raise RequestError(f"the request carries several images ({', '.join(payloads)}); send one")
         payload = fields[payloads[0]]
-        if isinstance(payload, bytes | bytearray) and payload.lstrip()[:1] == b"{":
+        # A JSON object arrives parsed when sent as application/json, as text when sent as text/plain, and as
+        # bytes otherwise (or when TorchServe's own parse failed): parse the last two here, so that its options
+        # are checked whatever the content type says.
+        if isinstance(payload, bytes | bytearray | str) and payload.lstrip()[:1] in (b"{", "{"):
             try:
                 payload = json.loads(payload)
-            except (ValueError, UnicodeDecodeError) as err:
+            # ValueError: bad syntax or UTF-8, over-long integers; RecursionError: absurd nesting.
+            except (ValueError, RecursionError) as err:
                 raise RequestError(f"the body looks like JSON but does not parse: {err}") from err
         if isinstance(payload, dict):
             for key, value in payload.items():

@@ -91,3 +91,20 @@ def served_store(served_runs, tmp_path_factory):
     for run_dir in served_runs.values():
         package_run(run_dir, model_store=store)
     return store
+
+
+@pytest.fixture(scope="session")
+def served(served_store, tmp_path_factory):
+    """One real TorchServe on loopback over ``served_store``, shared by the REST, demo and hardening tests
+    (starting one costs ~15 s). Dynamic batching with a 20 ms window, so concurrent requests share batches."""
+    from helpers import free_server_ports
+    from serving import server
+
+    # A short state_dir: TorchServe's worker sockets live under it, at most 107 bytes of path.
+    settings = server.ServerSettings(model_store=served_store, state_dir=tmp_path_factory.mktemp("ts"),
+                                     batch_size=8, max_batch_delay_ms=20, **free_server_ports())
+    server.start(settings)
+    try:
+        yield settings
+    finally:
+        server.stop(settings)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import gzip
-import socket
 import struct
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -70,16 +68,18 @@ def train_tiny(recipe_id: str, runs_root: Path) -> Path:
     return train(tiny_config(recipe_id, **overrides), runs_root / recipe_id, progress=False)
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports free on loopback right now."""
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
+
+def processes_started_from(fragment: str) -> list:
+    """Live processes (TorchServe frontends and workers) with ``fragment`` in their command line, e.g. the prefix
+    of a benchmark's temporary folder: what must be gone once that benchmark returns."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(fragment in part for part in process.info["cmdline"] or ()):
+            found.append(process)
+    return found
 
 
-def free_server_ports() -> dict[str, int]:
-    """``ServerSettings`` port fields, all free."""
-    return dict(zip(["inference_port", "management_port", "metrics_port", "grpc_inference_port",
-                     "grpc_management_port"], free_ports(5), strict=True))
+# Ports for servers the tests start: one definition, in serving.server.
+from serving.server import free_ports, free_server_ports  # noqa: E402,F401

@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from helpers import processes_started_from
+
 from serving import bench_serve as bs
 from serving.bench import BENCHMARKS, format_table
 from serving.client import Client
@@ -30,11 +32,7 @@ SERVED_MODES = ("pgd_at/default", "dhat/main", "dhat/second", "dhat/both", "duca
 
 def bench_processes() -> list[psutil.Process]:
     """TorchServe frontends and workers started from a bench serve temporary folder."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if any(bs.TEMP_PREFIX in part for part in process.info["cmdline"] or ()):
-            found.append(process)
-    return found
+    return processes_started_from(bs.TEMP_PREFIX)
 
 
 def bench_folders() -> set[Path]:

@@ -18,7 +18,7 @@ from demo.app import Demo, build_app, state_dir_client
 from demo.attacks import ATTACK_SPECS, RestScores, attack_surface, grid_eps, quantise, square
 from demo.inputs import MAX_UPLOAD_BYTES, InputError, convert_drawing, convert_file
 from demo.rest import Answer, ask_all, comparison_html, percent, served_endpoints
-from helpers import free_ports, free_server_ports
+from helpers import free_ports
 from serving import server
 from serving.client import Client, ClientError
 from training.errors import RobustServeError
@@ -194,17 +194,6 @@ def test_square_sends_at_most_its_budget_of_queries_and_returns_its_best_query()
 
 
 # ---------------------------------------------------------------------------------------------- against TorchServe
-
-
-@pytest.fixture(scope="module")
-def served(served_store, tmp_path_factory):
-    settings = server.ServerSettings(model_store=served_store, state_dir=tmp_path_factory.mktemp("ts"),
-                                     **free_server_ports())
-    server.start(settings)
-    try:
-        yield settings
-    finally:
-        server.stop(settings)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from demo.rest import percent, served_endpoints
 from helpers import free_ports
 from serving import server
 from serving.client import Client
-from test_demo import demo, served  # noqa: F401  (the same module fixtures: a TorchServe and a Demo over it)
+from test_demo import demo  # noqa: F401  (the same module fixture: a Demo over the session's TorchServe)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -21,7 +21,6 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import free_server_ports
 from serving import server
 from serving.client import Client, ClientError
 from serving.runtime import Runtime
@@ -43,21 +42,6 @@ def images(served_runs):
     info = json.loads((served_runs["dhat"] / "defense.json").read_text())
     x, _, _ = load_test_subset(info, 16, None)
     return [png(image) for image in x]
-
-
-@pytest.fixture(scope="module")
-def settings(served_store, tmp_path_factory):
-    return server.ServerSettings(model_store=served_store, state_dir=tmp_path_factory.mktemp("ts"), batch_size=8,
-                                 max_batch_delay_ms=50, **free_server_ports())
-
-
-@pytest.fixture(scope="module")
-def served(settings):
-    server.start(settings)
-    try:
-        yield settings
-    finally:
-        server.stop(settings)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +120,7 @@ def test_ducat_recovered_and_raw_scores_with_the_signal(served, client, images, 
         assert set(recovered["signal"]) == {"dummy_class_hit", "raw_prediction"}
         raw = client.predict(image, model="ducat", mode="raw", top_k=20)
         assert raw == local_reply(local["ducat"], image, mode="raw", top_k=20)
-        assert len(raw["top_k"]) == 20 and sum(e["name"].startswith("dummy of") for e in raw["top_k"]) == 10
+        assert len(raw["top_k"]) == 20 and sum(e["name"].startswith("dummy ") for e in raw["top_k"]) == 10
 
 
 @pytest.mark.parametrize("k", [1, 5, 50])

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import free_ports, free_server_ports
+from helpers import free_server_ports
 
 from serving.server import ServerError, ServerSettings, read_keys, start, status, stop
 

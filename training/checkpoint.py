@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -20,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .errors import RobustServeError
+from .errors import RobustServeError, cannot_write
 
 LAST = "last.safetensors"
 BEST = "best.safetensors"
@@ -38,13 +40,14 @@ class CheckpointError(RobustServeError):
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
 
-    A crash, a full disk or a permission error leaves ``path`` as it was and no temporary file.
+    A crash, a full disk or a permission error leaves ``path`` as it was and no temporary file; the
+    last two raise CheckpointError with one line that says which and how to fix it.
     """
     path = Path(path)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise CheckpointError(f"cannot write to {path.parent}: {err.strerror}") from err
+        raise CheckpointError(cannot_write(path.parent, err)) from err
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -54,7 +57,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except OSError as err:
-        raise CheckpointError(f"cannot write {path}: {err.strerror or err}") from err
+        raise CheckpointError(cannot_write(path, err)) from err
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -67,10 +70,24 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata_: dict[str, str] | None) -> None:
+    """safetensors' ``save_file``, with its I/O errors (a full disk) raised as the OSError they are.
+
+    safetensors reports them as ``SafetensorError("... (os error 28)")``, which ``atomic_write``
+    would not recognise as a failed write."""
+    try:
+        save_file(tensors, str(path), metadata=metadata_)
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from err
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata_ = {"state": json.dumps(meta)} if meta is not None else None
-    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata_))
+    atomic_write(path, lambda tmp: _save_file(contiguous, tmp, metadata_))
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -81,7 +98,7 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get("state")
         return load_file(str(path)), (json.loads(raw) if raw else None)
-    except (OSError, ValueError, RuntimeError) as err:  # safetensors raises these for corrupt files
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # what safetensors raises for corrupt files
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {err}") from err
 
 

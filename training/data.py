@@ -56,7 +56,7 @@ class DatasetSpec:
 
 
 class CorruptDataError(RobustServeError, ValueError):
-    """A data file exists but cannot be parsed; the message names the file."""
+    """A data file exists but cannot be parsed; the message names the file and the fix."""
 
 
 # A loader turns (split, root, download, **options) into the dataset and its spec.
@@ -160,9 +160,15 @@ _IDX_FILES = {  # split -> (images, labels) file names, as torchvision expects t
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _IDX_MAGIC = {3: 2051, 1: 2049}  # ndim -> magic number of a uint8 IDX file
+# What fixes a corrupt file: the system copy comes back from Debian, a decompressed one from the system copy.
+REINSTALL_FIX = "Fix: sudo apt-get install --reinstall dataset-fashion-mnist (or replace the file)"
 
 
-def _check_idx(path: Path, ndim: int, shown: Path | None = None) -> int:
+def _fashion_mnist_source() -> Path:
+    return Path(os.environ.get("ROBUSTSERVE_FASHION_MNIST_SOURCE", FASHION_MNIST_SOURCE))
+
+
+def _check_idx(path: Path, ndim: int, shown: Path | None = None, fix: str = REINSTALL_FIX) -> int:
     """Validate an IDX file's header and length; return the item count. torchvision's reader would
     otherwise fail on a truncated file with an assert or a tensor-view traceback."""
     shown = shown or path
@@ -170,20 +176,20 @@ def _check_idx(path: Path, ndim: int, shown: Path | None = None) -> int:
     with open(path, "rb") as f:
         head = f.read(header)
     if len(head) < header:
-        raise CorruptDataError(f"corrupt IDX file {shown}: only {len(head)} bytes, header needs {header}")
+        raise CorruptDataError(f"corrupt IDX file {shown}: only {len(head)} bytes, header needs {header}. {fix}")
     magic, *dims = struct.unpack(f">{ndim + 1}I", head)
     if magic != _IDX_MAGIC[ndim]:
-        raise CorruptDataError(f"corrupt IDX file {shown}: magic {magic}, expected {_IDX_MAGIC[ndim]}")
+        raise CorruptDataError(f"corrupt IDX file {shown}: magic {magic}, expected {_IDX_MAGIC[ndim]}. {fix}")
     size, expected = path.stat().st_size, header + math.prod(dims)
     if size != expected:
-        raise CorruptDataError(f"corrupt IDX file {shown}: {size} bytes, header {dims} implies {expected}")
+        raise CorruptDataError(f"corrupt IDX file {shown}: {size} bytes, header {dims} implies {expected}. {fix}")
     return dims[0]
 
 
 def _prepare_fashion_mnist(raw: Path) -> None:
     """Make sure raw/ holds all four decompressed IDX files (torchvision checks for all of them),
     decompressing missing ones from the system folder."""
-    source = Path(os.environ.get("ROBUSTSERVE_FASHION_MNIST_SOURCE", FASHION_MNIST_SOURCE))
+    source = _fashion_mnist_source()
     for names in _IDX_FILES.values():
         for name, ndim in zip(names, (3, 1)):
             target, packed = raw / name, source / f"{name}.gz"
@@ -204,7 +210,7 @@ def _prepare_fashion_mnist(raw: Path) -> None:
                 _check_idx(tmp, ndim, shown=packed)
                 os.replace(tmp, target)
             except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # EOFError: truncated stream
-                raise CorruptDataError(f"corrupt gzip file {packed}: {e}") from None
+                raise CorruptDataError(f"corrupt gzip file {packed}: {e}. {REINSTALL_FIX}") from None
             finally:
                 tmp.unlink(missing_ok=True)
 
@@ -216,8 +222,11 @@ def _load_fashion_mnist(split: str, root: Path | None, download: bool) -> tuple[
     raw = root / "FashionMNIST" / "raw"
     _prepare_fashion_mnist(raw)
     images_name, labels_name = _IDX_FILES[split]
-    if _check_idx(raw / images_name, 3) != _check_idx(raw / labels_name, 1):
-        raise CorruptDataError(f"{raw / images_name} and {raw / labels_name} hold different item counts")
+    # A decompressed file is only a copy: deleting it makes the next run decompress it again.
+    fix = f"Fix: delete it; it is decompressed again from {_fashion_mnist_source()}"
+    if _check_idx(raw / images_name, 3, fix=fix) != _check_idx(raw / labels_name, 1, fix=fix):
+        raise CorruptDataError(f"{raw / images_name} and {raw / labels_name} hold different item counts. "
+                               f"Fix: delete both; they are decompressed again from {_fashion_mnist_source()}")
     tv = datasets.FashionMNIST(str(root), train=split == "train", download=False)
     dataset = TensorImageDataset(tv.data.unsqueeze(1), tv.targets, tv.classes)
     spec = DatasetSpec(

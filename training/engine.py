@@ -8,6 +8,7 @@ interrupted epoch from its first batch and ends with the same weights as an unin
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import sys
@@ -32,7 +33,7 @@ from .config import TrainConfig
 from .data import DatasetSpec, load_dataset
 from .recipes import Recipe, Stage, StepContext, get_recipe
 from .runs import LoadedRun, load_run
-from .errors import ConfigError
+from .errors import ConfigError, cannot_write
 
 
 def learning_rate(config: TrainConfig, progress: float) -> float:
@@ -174,15 +175,21 @@ class Trainer:
         if exists and not (resume or force):
             raise CheckpointError(f"{self.run_dir} already holds a run; pass --resume to continue it "
                                   f"or --force to start over")
-        if force and exists and self.dist.is_main:
-            for index in range(len(self.stages)):
-                (self.run_dir / stage_best_file(self.stages, index)).unlink(missing_ok=True)
-            for name in (LAST, DEFENSE_JSON):
-                (self.run_dir / name).unlink(missing_ok=True)
-        if self.dist.is_main:
+        if not self.dist.is_main:
+            return
+        try:
+            if force and exists:
+                for index in range(len(self.stages)):
+                    (self.run_dir / stage_best_file(self.stages, index)).unlink(missing_ok=True)
+                for name in (LAST, DEFENSE_JSON):
+                    (self.run_dir / name).unlink(missing_ok=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not os.access(self.run_dir, os.W_OK):
-                raise CheckpointError(f"cannot write to {self.run_dir}; choose another --out")
+        except OSError as err:  # a read-only or full disk, a parent without permission
+            raise CheckpointError(cannot_write(self.run_dir, err, "choose another --out")) from err
+        if not os.access(self.run_dir, os.W_OK):
+            code = errno.EROFS if os.statvfs(self.run_dir).f_flag & os.ST_RDONLY else errno.EACCES
+            denied = OSError(code, os.strerror(code))
+            raise CheckpointError(cannot_write(self.run_dir, denied, "choose another --out"))
 
     def _load_base(self, base_dir: Path) -> LoadedRun:
         if not run_finished(base_dir):
@@ -216,7 +223,10 @@ class Trainer:
             part.train()
 
     def _load_last(self) -> None:
-        tensors, state = load_tensors(self.run_dir / LAST)
+        try:
+            tensors, state = load_tensors(self.run_dir / LAST)
+        except CheckpointError as err:  # a truncated or foreign file: nothing to continue from
+            raise CheckpointError(f"cannot resume {self.run_dir}: {err}; start over with --force") from err
         if state is None or "config" not in state or "stages" not in state:
             raise CheckpointError(f"{self.run_dir / LAST} carries no training state of this version; start over with --force")
         saved = TrainConfig(**state["config"])

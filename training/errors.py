@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class RobustServeError(Exception):
     """Base of every error caused by input, settings or the environment; the message names the fix."""
@@ -12,3 +14,17 @@ class ConfigError(RobustServeError, ValueError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (RobustServeError,)
+
+
+def cannot_write(path: object, err: OSError, elsewhere: str = "write somewhere else") -> str:
+    """One line for a write that failed: what, why, and the fix for the usual causes (full disk, no permission).
+
+    ``elsewhere`` is the other way out, in the caller's terms (e.g. "choose another --out")."""
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free some space on that disk or {elsewhere}"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make the folder writable or {elsewhere}"
+    else:
+        fix = f"check the folder or {elsewhere}"
+    return f"cannot write {path}: {reason}; {fix}"
