@@ -5,6 +5,7 @@ refused."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import zipfile
@@ -12,6 +13,8 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from serving.runtime import MANIFEST_JSON, ArchiveError, Runtime
@@ -223,3 +226,55 @@ def test_ivf_index_searching_every_cell_finds_what_the_flat_index_finds(served_r
     _, rows = knn_search(knn.exported(x).detach(), knn.module.bank.features, knn.module.k)
     for reply, row in zip(replies, rows, strict=True):
         assert {n["id"] for n in reply["neighbours"]} == set(knn.module.bank.ids[row].tolist())
+
+
+# ---------------------------------------------------------------------------------------------- fuzzing
+
+
+# Field values as TorchServe hands them to a handler: parsed JSON, text, or raw bytes (query parameters
+# and form fields arrive as bytearray). Mostly the known parameters with tricky values (weights by
+# repetition), so that a bad value is usually the request's only fault and reaches its own check.
+_TRICKY = st.sampled_from(["main", "both", "raw", "recovered", "knn", "0", "1", "5", "50", "1000", "1e3", "-1", "²",
+                           "٣", " 7 ", "", "true", "null", "[1]", "{}", "9" * 30, "9" * 5000])
+_OTHER = (st.integers(-2**70, 2**70) | st.floats() | st.booleans() | st.none() | st.text(max_size=8)
+          | st.binary(max_size=8).map(bytearray) | st.lists(st.integers(), max_size=3))
+_PARAMETER_VALUES = st.sampled_from([_TRICKY, _TRICKY, _OTHER]).flatmap(lambda values: values)
+_PARAMETERS = st.sampled_from([st.sampled_from(["head", "mode", "k", "top_k"])] * 5 + [st.text(max_size=6)]).flatmap(
+    lambda names: names)
+
+
+@st.composite
+def request_fields(draw, good_png: bytes) -> dict:
+    """One request's fields: an image (good, mangled, or JSON carrying it and options) plus parameters."""
+    options = draw(st.dictionaries(_PARAMETERS, _PARAMETER_VALUES, max_size=3))
+    image = draw(st.sampled_from([good_png, good_png[:60], b"", b"{", b"[0.5]"]) | st.binary(max_size=40))
+    body = draw(st.sampled_from(["bytes", "text", "bytearray", "json object", "json text"]))
+    if body == "json object":
+        payload = {"image": base64.b64encode(image).decode(), **{k: v for k, v in options.items()
+                                                                 if not isinstance(v, bytearray)}}
+        return {"body": payload}
+    if body == "json text":
+        return {"body": json.dumps({"image": base64.b64encode(image).decode(), **{
+            k: v for k, v in options.items() if not isinstance(v, bytearray | float)}})}
+    return {"body": {"bytes": image, "text": image.decode("latin-1"), "bytearray": bytearray(image)}[body],
+            **options}
+
+
+@pytest.mark.parametrize("model", ["dhat", "ducat", "that_knn"])
+def test_fuzz_any_fields_get_an_answer_or_a_4xx_and_never_spoil_the_batch(model, runtimes, test_images):
+    """Whatever the fields of a request, ``Runtime.handle`` answers it 200 or with a 4xx JSON message and never
+    raises; the good request beside it in the same batch is still answered."""
+    runtime = runtimes(model)
+    good = png(test_images[0][0])
+    expected = runtime.handle([{"body": good}])[0]
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(request_fields(good))
+    def check(fields: dict) -> None:
+        (status, reply), beside = runtime.handle([fields, {"body": good}])
+        assert beside == expected
+        json.dumps(reply)
+        if status != 200:
+            assert 400 <= status < 500 and reply["error"] and reply["status"] == status, (fields, reply)
+
+    check()
