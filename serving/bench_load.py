@@ -1,7 +1,7 @@
 """``robustserve bench load``: a bounded load on a real TorchServe, and a worker killed with SIGKILL under it.
 
 ``bench_load`` packages the finished runs of pgd_at, dhat, ducat and that (``bench_serve.find_runs``)
-into a temporary model store, serves them with a real TorchServe on loopback (``bench_serve.started``:
+into a temporary model store, serves them with a real TorchServe on loopback (``server.running``:
 token auth, free ports, dynamic batching) and runs two phases on it:
 
 1. **load**: ``clients`` threads, each sending one request after another for ``seconds``: raw PNG test
@@ -38,9 +38,9 @@ import psutil
 from training.errors import ConfigError
 
 from .bench_serve import (BATCH_SIZE, DHAT, KNN_K, MAX_BATCH_DELAY_MS, PLAIN, Endpoint, _Clock, endpoints,
-                          eval_images, find_runs, package_and_extract, percentiles, server_settings, started)
+                          eval_images, find_runs, package_and_extract, percentiles, server_settings)
 from .client import Client, ClientError
-from .server import ServerSettings, read_keys
+from .server import ServerSettings, read_keys, running
 
 TEMP_PREFIX = "robustserve-bench-load-"  # the temporary folder (model store, server state); tests look for it
 MAX_CLIENTS, MAX_SECONDS = 64, 600.0
@@ -276,7 +276,7 @@ def bench_load(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path]
         points = load_endpoints(knn_k)
         _, bodies = eval_images(run_dirs[PLAIN], IMAGES)
         clock("package")
-        with started(server_settings(tmp / "store", list(folders), tmp / "ts")) as settings:
+        with running(server_settings(tmp / "store", list(folders), tmp / "ts")) as settings:
             clock("start server")
             token = read_keys(settings)["inference"]
             # One request per endpoint first: a model's first call (ONNX Runtime's first run) is not the load's.

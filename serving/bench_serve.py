@@ -46,7 +46,7 @@ import torch
 
 from training.errors import ConfigError
 
-from .server import ServerSettings
+from . import server
 
 # serving.bench registers bench_serve in its BENCHMARKS and re-exports it, so this module imports it lazily.
 
@@ -56,7 +56,7 @@ RESNET_MODEL = "natural"  # the ResNet-18 run is served under its recipe's model
 RESNET_IMAGE_SIZE = ("ROBUSTSERVE_IMAGE_SIZE", "32")  # the ImageFolder loader's image size, for its data
 KNN_K = 50
 # TorchServe dynamic batching as `robustserve serve start` sets it, so the figures are the served system's.
-BATCH_SIZE, MAX_BATCH_DELAY_MS = ServerSettings.batch_size, ServerSettings.max_batch_delay_ms
+BATCH_SIZE, MAX_BATCH_DELAY_MS = server.ServerSettings.batch_size, server.ServerSettings.max_batch_delay_ms
 TEMP_PREFIX = "robustserve-bench-serve-"  # the temporary folder (model store, server state); tests look for it
 TARGETS = {"resnet18_e2e_over_forward": 1.3, "dhat_main_over_flop_prediction": 1.10, "ducat_over_base_infer": 1.05,
            "onnx_over_eager": 1.0, "knn_recall": 0.95, "knn_speedup": 10.0}
@@ -254,33 +254,17 @@ def train_resnet18(folder: Path, *, classes: int = 10, train_per_class: int = 20
 # ---------------------------------------------------------------------------------------------- 1. REST
 
 
-def server_settings(store: Path, models: Sequence[str], state_dir: Path):
-    """A ``server.ServerSettings`` for ``models`` of ``store`` on free loopback ports, batching as served."""
-    from serving import server
-
+def server_settings(store: Path, models: Sequence[str], state_dir: Path) -> server.ServerSettings:
+    """Settings for ``models`` of ``store`` on free loopback ports, batching as served."""
     return server.ServerSettings(model_store=store, state_dir=state_dir, batch_size=BATCH_SIZE,
                                  max_batch_delay_ms=MAX_BATCH_DELAY_MS, models=tuple(f"{m}.mar" for m in models),
                                  **server.free_server_ports())
 
 
 @contextlib.contextmanager
-def started(settings) -> Iterator[Any]:
-    """TorchServe started with ``settings`` (a ``server.ServerSettings``), stopped on the way out whatever happens."""
-    from serving import server
-
-    try:
-        server.start(settings)
-        yield settings
-    finally:
-        server.stop(settings)
-
-
-@contextlib.contextmanager
 def running_server(store: Path, models: Sequence[str], state_dir: Path) -> Iterator[tuple[str, str]]:
     """A TorchServe over ``store`` on free loopback ports, stopped on the way out; yields (url, inference key)."""
-    from serving import server
-
-    with started(server_settings(store, models, state_dir)) as settings:
+    with server.running(server_settings(store, models, state_dir)) as settings:
         yield settings.inference_address, server.read_keys(settings)["inference"]
 
 

@@ -35,6 +35,7 @@ import tempfile
 import time
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -454,3 +455,14 @@ def stop(settings: ServerSettings, *, wait_s: float = 60) -> bool:
     settings.pid_file.unlink(missing_ok=True)
     settings.key_file.unlink(missing_ok=True)  # the launcher removes it too, when its pid file was there
     return True
+
+
+@contextlib.contextmanager
+def running(settings: ServerSettings, *, wait_s: float = 120) -> Iterator[ServerSettings]:
+    """TorchServe started with ``settings`` for the ``with`` block and stopped on the way out, whatever happens
+    (a failed start included: ``stop`` then ends what did come up)."""
+    try:
+        start(settings, wait_s=wait_s)
+        yield settings
+    finally:
+        stop(settings)

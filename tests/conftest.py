@@ -103,8 +103,5 @@ def served(served_store, tmp_path_factory):
     # A short state_dir: TorchServe's worker sockets live under it, at most 107 bytes of path.
     settings = server.ServerSettings(model_store=served_store, state_dir=tmp_path_factory.mktemp("ts"),
                                      batch_size=8, max_batch_delay_ms=20, **free_server_ports())
-    server.start(settings)
-    try:
+    with server.running(settings):
         yield settings
-    finally:
-        server.stop(settings)
