@@ -374,17 +374,19 @@ def _fmt(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, list):
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if value == {}:
+        return "none"  # e.g. failed_by_status when nothing failed
     return str(value)
 
 
 def format_table(result: dict[str, Any], title: str | None = None) -> str:
-    """Two aligned columns (key, value); nested dicts become their own titled sections."""
-    rows = [(k, _fmt(v)) for k, v in result.items() if not isinstance(v, dict)]
+    """Two aligned columns (key, value); nested dicts become their own titled sections, empty ones a row."""
+    rows = [(k, _fmt(v)) for k, v in result.items() if not isinstance(v, dict) or not v]
     width = max((len(k) for k, _ in rows), default=0)
     lines = [f"== {title} =="] if title else []
     lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
     for k, v in result.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v:
             lines += ["", format_table(v, title=k)]
     return "\n".join(lines)
 

@@ -68,6 +68,20 @@ def train_tiny(recipe_id: str, runs_root: Path) -> Path:
     return train(tiny_config(recipe_id, **overrides), runs_root / recipe_id, progress=False)
 
 
+def constant_logits_model():
+    """Always class 0, with a gradient of exactly zero: the gradient masking pyautoattack checks for."""
+    import torch
+
+    class ConstantLogits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(28 * 28, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x.flatten(1)) * 0 + torch.arange(10.0).flip(0)
+
+    return ConstantLogits()
+
 
 def processes_started_from(fragment: str) -> list:
     """Live processes (TorchServe frontends and workers) with ``fragment`` in their command line, e.g. the prefix

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import constant_logits_model
 from training.attacks import DRA, FGSM, PGD, AutoAttackStandard, Square, accuracy, attack_mode, build_attack, keep_top_fraction, pgd
+from training.attacks.attacks import summarize_check_warnings
 from training.attacks.core import OBJECTIVES, THREAT_MODELS
 from training.errors import ConfigError
 
@@ -126,6 +128,25 @@ def test_autoattack_runs_every_attack_end_to_end(synthetic_batch, caplog) -> Non
     assert x_adv.shape == x.shape
     assert (x_adv - x).abs().max() <= eps + 1e-5
     assert accuracy(model, x_adv, y) <= accuracy(model, x, y)
+
+
+def test_autoattack_keeps_its_gradient_masking_warnings_for_the_report(capfd) -> None:
+    import logging
+
+    x, y = torch.rand(6, 1, 28, 28), torch.zeros(6, dtype=torch.long)
+    attack = AutoAttackStandard(constant_logits_model(), eps=0.1, attacks=["apgd-ce", "apgd-t"])
+    attack(x, y)
+    assert attack.check_warnings and all("6 points with zero gradient" in m for m in attack.check_warnings)
+    assert "zero gradient" not in capfd.readouterr().err  # collected, not printed
+    assert not logging.getLogger("auto-attack").handlers  # the collector is gone afterwards
+    assert summarize_check_warnings(attack.check_warnings, 6) == (
+        "pyautoattack's checks warned: zero gradients at up to 6 of 6 images (a sign of gradient masking)")
+    mixed = ["there are 2 points with zero gradient! This might...", "there are 5 points with zero gradient! x",
+             "it seems that the output is a probability distribution, please be sure that the logits are used! See"]
+    assert summarize_check_warnings(mixed, 9) == (
+        "pyautoattack's checks warned: zero gradients at up to 5 of 9 images; it seems that the output is a "
+        "probability distribution, please be sure that the logits are used (a sign of gradient masking)")
+    assert summarize_check_warnings([], 9) == ""
 
 
 def test_square_is_black_box_and_custom_lists_work(trained_smallcnn, synthetic_batch) -> None:

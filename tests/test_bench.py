@@ -55,3 +55,10 @@ def test_bench_at_step_cpu() -> None:
     assert result["fraction_of_peak"] == pytest.approx(result["model_tflops"] / 989.0)
     assert result["autocast"] is None  # bf16 autocast is CUDA only
     json.dumps(result)
+
+
+def test_format_table_nests_sections_and_shows_an_empty_one_as_a_row() -> None:
+    table = format_table({"requests": 3, "latency_ms": {"p50": 1.25, "p99": 2.5}, "failed_by_status": {}},
+                         title="bench load")
+    assert table.splitlines() == ["== bench load ==", "requests          3", "failed_by_status  none", "",
+                                  "== latency_ms ==", "p50  1.25", "p99  2.5"]

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from helpers import write_idx
+from helpers import constant_logits_model, write_idx
 from training.attacks import correct_flags
 from training.config import TrainConfig
 from training.data import load_dataset
 from training.engine import defense_info
 from training.errors import ConfigError
-from training.evaluate import (CURVES_PNG, REPORT_JSON, REPORT_MD, SWEEP_FRACTIONS, current_report, evaluate_run,
+from training.evaluate import (CURVES_PNG, MASKING_NOTE, REPORT_JSON, REPORT_MD, SWEEP_FRACTIONS, current_report, evaluate_run,
                                format_results_table, load_test_subset)
 from training.recipes import get_recipe
 from training.runs import load_run
@@ -155,6 +155,14 @@ def test_results_table(report):
     assert len(lines) == 4 and lines[2].startswith("| natural | default | smallcnn | ")
     assert f"| {100 * _row(report, 'clean')['accuracy']:.1f} |" in lines[2]
     assert lines[3].split("|")[6].strip() == "-"  # no AutoAttack row
+    assert "†" not in "\n".join(lines)
+
+    masked = copy.deepcopy(report)  # an AutoAttack whose checks warned: marked, with the note under the table
+    next(r for r in masked["results"] if r["attack"] == "autoattack")["settings"]["check_warnings"] = ["there are 3"]
+    lines = format_results_table([masked, other]).splitlines()
+    aa = 100 * _row(report, "autoattack")["accuracy"]
+    assert lines[2].split("|")[6].strip() == f"{aa:.1f}†" and "†" not in lines[3]
+    assert lines[-2:] == ["", MASKING_NOTE]
 
 
 def test_defaults_skip_autoattack_and_are_reproducible(run_dir, tmp_path):
@@ -193,3 +201,19 @@ def test_current_report_is_reused_only_for_the_same_sizes_and_weights(run_dir, t
     weights.touch()  # newer weights than the report: evaluate again
     os.utime(weights, (weights.stat().st_atime, (copy_dir / REPORT_JSON).stat().st_mtime + 10))
     assert current_report(copy_dir, n=16, autoattack_n=0) is None
+
+
+def test_autoattack_rows_carry_pyautoattacks_gradient_masking_warnings():
+    from training.evaluate import EvalContext, EvalSettings, _adaptive, _autoattack
+
+    settings = EvalSettings(n=6, eps=EPS, norm="linf", pgd_steps=2, pgd_restarts=1, autoattack_n=6,
+                            autoattack_version="fast", sweep=(), sweep_steps=2, batch_size=64, device="cpu", seed=0)
+    masked = constant_logits_model()
+    ctx = EvalContext("default", masked, {"itself": masked}, torch.rand(6, 1, 28, 28),
+                      torch.zeros(6, dtype=torch.long), settings)
+    (autoattack,) = _autoattack(ctx)
+    assert "**pyautoattack's checks warned: zero gradients at up to 6 of 6 images" in autoattack.describe
+    assert autoattack.settings["check_warnings"]
+    # APGD-CE alone runs no zero-gradient check (pyautoattack checks only its DLR losses): nothing to add.
+    apgd = [o for o in _adaptive(ctx) if o.attack == "apgd-ce@itself"][0]
+    assert "warned" not in apgd.describe and "check_warnings" not in apgd.settings

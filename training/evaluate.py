@@ -38,7 +38,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
-from .attacks.attacks import PGD, AutoAttackStandard, correct_flags
+from .attacks.attacks import PGD, AutoAttackStandard, correct_flags, summarize_check_warnings
 from .checkpoint import BEST, atomic_write, write_json
 from .data import load_dataset
 from .errors import ConfigError
@@ -151,7 +151,16 @@ def _autoattack(ctx: EvalContext) -> list[Outcome]:
     correct = correct_flags(ctx.model, attack(x, y), y, s.batch_size)
     settings = {"norm": s.norm, "version": s.autoattack_version, "attacks": attacks, "seed": s.seed}
     describe = f"{s.autoattack_version} ({attacks}), {s.norm.capitalize()} eps {s.eps:g}, seed {s.seed}"
-    return [Outcome("autoattack", correct, s.eps, "AutoAttack", describe, settings)]
+    return [_with_check_warnings(Outcome("autoattack", correct, s.eps, "AutoAttack", describe, settings), attack)]
+
+
+def _with_check_warnings(outcome: Outcome, attack: AutoAttackStandard) -> Outcome:
+    """Add what pyautoattack's own checks warned about to the outcome's description and settings."""
+    summary = summarize_check_warnings(attack.check_warnings, len(outcome.correct))
+    if summary:
+        outcome.describe += f"; **{summary}**"
+        outcome.settings["check_warnings"] = sorted(set(attack.check_warnings))
+    return outcome
 
 
 def _adaptive(ctx: EvalContext) -> list[Outcome]:
@@ -166,9 +175,10 @@ def _adaptive(ctx: EvalContext) -> list[Outcome]:
         apgd = AutoAttackStandard(module, eps=s.eps, norm=s.norm, seed=s.seed, attacks=["apgd-ce"],
                                   batch_size=s.batch_size)
         correct = correct_flags(ctx.model, apgd(x, y), y, s.batch_size)
-        outcomes.append(Outcome(f"apgd-ce@{surface}", correct, s.eps, f"APGD-CE via {surface}",
-                                f"pyautoattack APGD-CE (100 iterations), {s.norm.capitalize()} eps {s.eps:g}, "
-                                f"crafted on `{surface}`", {"norm": s.norm, "surface": surface, "seed": s.seed}))
+        outcomes.append(_with_check_warnings(
+            Outcome(f"apgd-ce@{surface}", correct, s.eps, f"APGD-CE via {surface}",
+                    f"pyautoattack APGD-CE (100 iterations), {s.norm.capitalize()} eps {s.eps:g}, crafted on "
+                    f"`{surface}`", {"norm": s.norm, "surface": surface, "seed": s.seed}), apgd))
     return outcomes
 
 
@@ -416,9 +426,18 @@ def _rows(report: dict[str, Any], mode: str) -> list[dict[str, Any]]:
     return [r for r in report["results"] if r["mode"] == mode]
 
 
+MASKING_MARK = "†"  # after an accuracy whose attack pyautoattack's own checks warned about
+MASKING_NOTE = (f"{MASKING_MARK} pyautoattack's own checks warned about this attack (zero gradients, typically): "
+                "a sign of gradient masking, so that number overstates robustness; the run's `report.md` "
+                "says what was found.")
+
+
+def _accuracy_cell(row: dict[str, Any] | None) -> str:
+    return _pct(row and row["accuracy"]) + (MASKING_MARK if row and row["settings"].get("check_warnings") else "")
+
+
 def _cell(rows: list[dict[str, Any]], attack: str) -> str:
-    row = next((r for r in rows if r["attack"] == attack), None)
-    return _pct(row and row["accuracy"])
+    return _accuracy_cell(next((r for r in rows if r["attack"] == attack), None))
 
 
 def format_results_table(reports: Sequence[dict[str, Any]], references: dict[str, str] | None = None) -> str:
@@ -440,7 +459,7 @@ def format_results_table(reports: Sequence[dict[str, Any]], references: dict[str
             rows = _rows(report, mode)
             adaptive = [r for r in rows if "@" in r["attack"]]
             weakest = min(adaptive, key=lambda r: r["accuracy"]) if adaptive else None
-            adaptive_cell = f"{_pct(weakest['accuracy'])} ({weakest['label']})" if weakest else "-"
+            adaptive_cell = f"{_accuracy_cell(weakest)} ({weakest['label']})" if weakest else "-"
             worst = report["worst_case"][mode]
             line = (f"| {run['defense']} | {mode} | {run['architecture']} | {_cell(rows, 'clean')} | {_cell(rows, 'pgd')} | "
                     f"{_cell(rows, 'autoattack')} | {adaptive_cell} | {_pct(worst and worst['accuracy'])} | "
@@ -448,4 +467,6 @@ def format_results_table(reports: Sequence[dict[str, Any]], references: dict[str
             if references is not None:
                 line += f" {references.get(run['defense'], '-') if mode == primary_mode(report) else ''} |"
             lines.append(line)
+    if any(MASKING_MARK in line for line in lines[2:]):
+        lines += ["", MASKING_NOTE]
     return "\n".join(lines) + "\n"

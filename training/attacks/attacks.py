@@ -7,7 +7,11 @@ so the CLI, the evaluation and the demo can build any of them from a name and ke
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -167,13 +171,16 @@ class _PyAutoAttack(Attack):
         self.seed = seed
         self.version = version  # pyautoattack's standard | plus | rand; ignored with a custom attack list
         self.attacks = attacks if attacks is not None else self.attack_list
+        # What pyautoattack's own sanity checks warned about (zero gradients, outputs that are not
+        # logits, randomness): a sign that its numbers overstate robustness, so it belongs in the report.
+        self.check_warnings: list[str] = []
 
     def perturb_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from pyautoattack import AutoAttack
 
         norms = {"linf": "Linf", "l2": "L2", "l1": "L1"}
         version = "custom" if self.attacks is not None else self.version
-        with attack_mode(self.model, "eval"):
+        with attack_mode(self.model, "eval"), _collected_warnings(_AUTOATTACK_LOGGER) as warned:
             runner = AutoAttack(self.model, norm=norms[self.norm], eps=self.eps, version=version,
                                 attacks=self.attacks if version == "custom" else None,
                                 device=x.device, seed=self.seed)
@@ -184,7 +191,38 @@ class _PyAutoAttack(Attack):
                 runner._set_version("standard")
                 runner.attacks_to_run = self.attacks
             x_adv, _ = runner.run_standard_evaluation(x, y, batch_size=self.batch_size)
+        self.check_warnings += warned
         return x_adv
+
+
+_AUTOATTACK_LOGGER = "auto-attack"  # the logger pyautoattack's checks write to
+_ZERO_GRADIENT = re.compile(r"there are (\d+) points with zero gradient")
+
+
+@contextlib.contextmanager
+def _collected_warnings(logger_name: str) -> Iterator[list[str]]:
+    """Collect what ``logger_name`` warns inside the block. With a handler of its own the logger no
+    longer falls back to printing on stderr; records still propagate to handlers the user configured."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger, handler = logging.getLogger(logger_name), Collect(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def summarize_check_warnings(messages: list[str], n: int) -> str:
+    """pyautoattack's check warnings for an attack on ``n`` images, in one clause ("" if none)."""
+    zero = [int(m.group(1)) for m in map(_ZERO_GRADIENT.search, messages) if m]
+    parts = [f"zero gradients at up to {max(zero)} of {n} images"] if zero else []
+    parts += sorted({m.split("!")[0].split(". ")[0].strip() for m in messages if not _ZERO_GRADIENT.search(m)})
+    return f"pyautoattack's checks warned: {'; '.join(parts)} (a sign of gradient masking)" if parts else ""
 
 
 @register_attack
