@@ -318,17 +318,36 @@ def _configure_package(p: argparse.ArgumentParser) -> None:
     p.add_argument("--knn-index", default=defaults.knn_index, help="flat (exact) or ivf, for THAT's kNN endpoint")
     p.add_argument("--nlist", type=int, help="IVF cells (default ~4 sqrt(bank size))")
     p.add_argument("--nprobe", type=int, default=defaults.nprobe, help="IVF cells searched per query")
+    p.add_argument("--sign-key", type=Path, help="Ed25519 signing key (`robustserve keygen`): write <name>.mar.sig")
 
 
 @command("package", "build the TorchServe archives (.mar) of a run in model_store/", _configure_package)
 def cmd_package(args: argparse.Namespace) -> int:
     from serving.package import PackageSettings, package_run
+    from serving.signing import load_signing_key
 
     settings = PackageSettings(version=args.version, backend=args.backend, knn_index=args.knn_index,
                                nlist=args.nlist, nprobe=args.nprobe)
     names = [n.strip() for n in args.models.split(",")] if args.models else None
-    for archive in package_run(args.run, model_store=args.model_store, settings=settings, names=names):
-        print(f"packaged {archive}")
+    key = load_signing_key(args.sign_key) if args.sign_key else None  # a bad key fails before any packaging
+    for archive in package_run(args.run, model_store=args.model_store, settings=settings, names=names,
+                               sign_key=key):
+        print(f"packaged {archive}" + (" (signed)" if key else ""))
+    return 0
+
+
+def _configure_keygen(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", type=Path, help="where signing_key.pem and verify_key.pem go (never overwritten)")
+
+
+@command("keygen", "make an Ed25519 key pair for signing archives (package --sign-key, serve --verify-key)",
+         _configure_keygen)
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from serving.signing import generate_keys
+
+    signing, verify = generate_keys(args.folder)
+    print(f"signing key {signing} (private, mode 0600: keep it where archives are built)\n"
+          f"verify key  {verify} (public: give it to `robustserve serve start --verify-key`)")
     return 0
 
 
@@ -351,6 +370,8 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=defaults.workers, help="workers per model")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="TorchServe dynamic batch size")
     p.add_argument("--max-batch-delay-ms", type=int, default=defaults.max_batch_delay_ms)
+    p.add_argument("--verify-key", type=Path,
+                   help="Ed25519 public key: start only if every archive is signed with it; turns the model API off")
 
 
 def server_settings(args: argparse.Namespace):
@@ -361,7 +382,8 @@ def server_settings(args: argparse.Namespace):
     return ServerSettings(model_store=args.model_store, state_dir=args.state_dir, host=args.host,
                           inference_port=args.inference_port, management_port=args.management_port,
                           metrics_port=args.metrics_port, models=models, workers=args.workers,
-                          batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms)
+                          batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
+                          verify_key=getattr(args, "verify_key", None))
 
 
 @command("serve", "start, stop or inspect TorchServe over model_store/ (loopback, token auth)", _configure_serve)

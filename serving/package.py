@@ -36,6 +36,7 @@ from training.knn import MEMORY_BANK, MemoryBank
 
 from .knn_index import FAISS_INDEX, INDEX_KINDS, build_index
 from .runtime import BACKENDS, SERVED_JSON, ServedInfo, write_manifest
+from .signing import Ed25519PrivateKey, sign_archive, signature_path
 
 HANDLERS_DIR = Path(__file__).resolve().parent.parent / "handlers"
 STORE_FIX = "choose another --model-store"  # the way out of a full or read-only model store
@@ -149,8 +150,12 @@ def _archive(served: ServedModel, staging: Path, settings: PackageSettings, mode
 
 
 def package_run(run_dir: str | Path, *, model_store: str | Path = "model_store",
-                settings: PackageSettings | None = None, names: list[str] | None = None) -> list[Path]:
-    """Export the run if its export is stale, then build one archive per served model; returns the .mar paths."""
+                settings: PackageSettings | None = None, names: list[str] | None = None,
+                sign_key: Ed25519PrivateKey | None = None) -> list[Path]:
+    """Export the run if its export is stale, then build one archive per served model; returns the .mar paths.
+
+    With ``sign_key`` each archive gets its signature beside it (``serving.signing``); without, none (a
+    signature left from an earlier archive of that name is removed)."""
     settings = settings or PackageSettings()
     settings.check()
     run_dir, model_store = Path(run_dir), Path(model_store)
@@ -174,7 +179,13 @@ def package_run(run_dir: str | Path, *, model_store: str | Path = "model_store",
         try:
             with tempfile.TemporaryDirectory(prefix=f".{model.name}.staging.", dir=model_store) as staging:
                 _stage(run_dir, model, export, settings, Path(staging))
-                archives.append(_archive(model, Path(staging), settings, model_store))
+                # A signature of the archive about to be replaced would vouch for nothing; gone first, it
+                # cannot be left beside the new archive whatever fails next.
+                signature_path(model_store / f"{model.name}.mar").unlink(missing_ok=True)
+                archive = _archive(model, Path(staging), settings, model_store)
+            if sign_key is not None:
+                sign_archive(archive, sign_key)
+            archives.append(archive)
         except OSError as err:  # staging: a full or read-only model store (the folder is removed on the way out)
             raise PackageError(cannot_write(model_store / f"{model.name}.mar", err, STORE_FIX)) from err
     return archives

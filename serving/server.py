@@ -113,6 +113,9 @@ class ServerSettings:
     # oversized image gets the runtime's JSON 413 saying what the limit is. It bounds the memory one request can
     # take in the frontend and the worker; a reverse proxy in front should enforce a lower limit (SECURITY.md).
     max_request_bytes: int = 64 * 1024 * 1024
+    # An Ed25519 public key (serving.signing): every archive loaded at start must carry its valid signature,
+    # and the model API is off, so no archive can be registered later without that check.
+    verify_key: Path | None = None
 
     @property
     def inference_address(self) -> str:
@@ -219,8 +222,9 @@ def _properties(settings: ServerSettings) -> dict[str, str]:
         "load_models": ",".join(f"{name}={file}" for file, (name, _) in archives.items()),
         "models": json.dumps(per_model),
         "allowed_urls": ALLOWED_URLS,
-        # The model API (register, unregister) is off by default; it stays behind the management key.
-        "enable_model_api": "true",
+        # The model API (register, unregister) is off by default; it stays behind the management key, and off
+        # when archives must be signed (a registered archive would skip the check in start).
+        "enable_model_api": "false" if settings.verify_key else "true",
         "token_expiration_min": str(settings.token_expiration_min),
         "default_workers_per_model": str(settings.workers),
         "default_response_timeout": str(settings.response_timeout_s),
@@ -378,7 +382,8 @@ def start(settings: ServerSettings, *, wait_s: float = 120) -> ServerStatus:
     """Start TorchServe and wait until ``/ping`` answers Healthy and every model loaded at start has a READY worker.
 
     Raises ServerError, saying which, when this state_dir's server already runs, a port is taken, an
-    archive is missing, or the server does not come up within ``wait_s`` (a handler's ``initialize``
+    archive is missing (SignatureError when ``verify_key`` is set and an archive's signature does not
+    verify: then nothing is started), or the server does not come up within ``wait_s`` (a handler's ``initialize``
     raised, the JVM exited, ...); then the message has the tail of ``state_dir/logs/console.log`` and the
     half-started server is stopped. The API keys are in ``state_dir/key_file.json`` (see ``read_keys``).
     """
@@ -392,7 +397,14 @@ def start(settings: ServerSettings, *, wait_s: float = 120) -> ServerStatus:
     if len(str(settings.tmp_dir / ".ts.sock.65535")) > MAX_SOCKET_PATH:
         raise ServerError(f"state_dir {settings.state_dir.absolute()} is too deep for TorchServe's worker "
                           f"sockets (at most {MAX_SOCKET_PATH} bytes for tmp/.ts.sock.PORT); pick a shorter path")
-    expected = [name for name, _ in _archives(settings).values()]
+    archives = _archives(settings)
+    if settings.verify_key is not None:
+        from .signing import load_verify_key, verify_archive
+
+        key = load_verify_key(settings.verify_key)
+        for file in archives:
+            verify_archive(settings.model_store / file, key)
+    expected = [name for name, _ in archives.values()]
     write_config(settings)
     shutil.rmtree(settings.tmp_dir, ignore_errors=True)  # archives extracted and sockets of earlier runs
     settings.tmp_dir.mkdir(parents=True)

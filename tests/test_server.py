@@ -199,3 +199,36 @@ def test_start_fails_fast_on_a_model_whose_initialize_raises(tmp_path):
         start(settings, wait_s=60)
     assert str(settings.log_file) in str(err.value)
     assert not status(settings).running and not settings.pid_file.exists()
+
+
+def test_with_a_verify_key_only_signed_archives_start_and_the_model_api_is_off(tmp_path):
+    from serving.signing import SignatureError, generate_keys, load_signing_key, sign_archive
+
+    settings = _settings(tmp_path, ECHO_HANDLER, ["echo", "spare"], models=("echo.mar",))
+    signing, verify = generate_keys(tmp_path / "keys")
+    settings = replace(settings, verify_key=verify)
+    with pytest.raises(SignatureError, match="echo.mar has no signature"):
+        start(settings, wait_s=60)
+    assert not status(settings).running and not settings.pid_file.exists()  # refused before anything started
+
+    sign_archive(settings.model_store / "echo.mar", load_signing_key(signing))
+    shutil.copy(settings.model_store / "spare.mar", settings.model_store / "echo.mar")  # swapped after signing
+    with pytest.raises(SignatureError, match="echo.mar does not match its signature: the archive changed"):
+        start(settings, wait_s=60)
+    assert not status(settings).running
+
+    subprocess.run([Path(sys.executable).with_name("torch-model-archiver"), "--model-name", "echo", "--version",
+                    "1.0", "--handler", str(tmp_path / "handler.py"), "--export-path", str(settings.model_store),
+                    "--force"], check=True)
+    sign_archive(settings.model_store / "echo.mar", load_signing_key(signing))
+    try:
+        assert start(settings, wait_s=60).models == {"echo": ["READY"]}
+        keys = read_keys(settings)
+        assert _call(f"{settings.inference_address}/predictions/echo", keys["inference"], b"hi")[0] == 200
+        # spare.mar is unsigned and not loaded at start; with the model API off it cannot be registered later.
+        query = urllib.parse.urlencode({"url": "spare.mar", "initial_workers": 1, "synchronous": "true"})
+        code, text = _call(f"{settings.management_address}/models?{query}", keys["management"], method="POST")
+        assert code == 405 and "MethodNotAllowedException" in text  # TorchServe 0.12's answer with the API off
+        assert "spare" not in _call(f"{settings.management_address}/models", keys["management"])[1]
+    finally:
+        stop(settings)
