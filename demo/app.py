@@ -25,7 +25,7 @@ from PIL import Image
 
 from serving.client import Client
 from serving.package import SERVED_MODELS
-from serving.server import ServerSettings, read_keys
+from serving.server import ServerSettings, read_config, read_keys
 from training.checkpoint import read_defense_json
 from training.data import DEFAULT_DATASET, load_dataset
 from training.errors import ConfigError, RobustServeError
@@ -34,7 +34,7 @@ from training.recipes import ServingMode
 from .attacks import (ATTACK_SPECS, MAX_EPS, MAX_STEPS, SQUARE_QUERIES, AttackError, RestScores, amplified,
                       attack_surface, check_settings, grid_eps, perturbation_norms, square, to_png, white_box)
 from .inputs import MAX_SIDE, MAX_UPLOAD_BYTES, InputError, ModelInput, convert_drawing, convert_file
-from .rest import Answer, Endpoint, ask_all, comparison_html, neighbours, served_endpoints
+from .rest import Answer, Endpoint, ask_all, comparison_html, fooled, neighbours, served_endpoints
 
 GALLERY_SIZE = 12
 DEFAULT_ATTACK = "PGD"
@@ -57,12 +57,7 @@ def state_dir_client(state_dir: Path) -> Callable[[], Client]:
 
     def connect() -> Client:
         settings = ServerSettings(state_dir=state_dir)
-        address = settings.inference_address
-        if settings.config_file.is_file():
-            for line in settings.config_file.read_text().splitlines():
-                key, _, value = line.partition("=")
-                if key.strip() == "inference_address":
-                    address = value.strip()
+        address = read_config(settings).get("inference_address", settings.inference_address)
         return Client(address, token=read_keys(settings)["inference"])
 
     return connect
@@ -214,7 +209,7 @@ class Demo:
 def _verdict(endpoint: Endpoint, before: Answer, after: Answer, truth: str | None) -> str:
     was = before.reply["prediction"]["name"]  # type: ignore[index]
     now = after.reply["prediction"]["name"] if after.reply else f"(refused: {after.error})"
-    held = "**fooled**" if after.reply and now != was else "**held**"
+    held = "**fooled**" if fooled(before, after) else "**held**"
     known = f" The image's true class: **{truth}**." if truth else ""
     return (f"{endpoint.label} said **{was}** for the clean image (the attack pushes away from it) and says "
             f"**{now}** for the adversarial one: {held}.{known}")

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from serving.runtime import MAX_TOP_K
 from training.attacks import build_attack
 from training.errors import RobustServeError
 from training.recipes import ServingMode
@@ -98,7 +99,7 @@ def quantise(x: torch.Tensor, x_adv: torch.Tensor, eps: float, threat: str = "li
     clean = x.mul(255).round()
     delta = x_adv.mul(255).round() - clean
     if threat == "linf":
-        limit = math.floor(eps * 255 + 1e-6)
+        limit = round(grid_eps(eps) * 255)
         delta = delta.clamp(-limit, limit)
     elif delta.abs().mean() > eps * 255:
         delta = (x_adv.mul(255) - clean).trunc()
@@ -174,7 +175,7 @@ class RestScores:
     away from ``label``: that image, not a guess, is the attack's result.
     """
 
-    ALL_CLASSES = 1000  # the runtime's top_k limit: every class of any served model
+    ALL_CLASSES = MAX_TOP_K  # the runtime's top_k limit: every class of any served model
 
     def __init__(self, ask: Callable[[bytes, int], dict[str, Any]], label: int, budget: int = SQUARE_QUERIES,
                  on_call: Callable[[int], None] = lambda calls: None) -> None:

@@ -118,10 +118,17 @@ def _cell(answer: Answer | None) -> str:
             + (f'<div class="signal">{html.escape(signal)}</div>' if signal else "") + "</td>")
 
 
-def _verdict(clean: Answer, adversarial: Answer | None) -> str:
+def fooled(clean: Answer, adversarial: Answer | None) -> bool | None:
+    """Whether the adversarial image changed the endpoint's prediction; None when either image got no reply."""
     if adversarial is None or clean.reply is None or adversarial.reply is None:
+        return None
+    return clean.reply["prediction"]["index"] != adversarial.reply["prediction"]["index"]
+
+
+def _verdict(clean: Answer, adversarial: Answer | None) -> str:
+    changed = fooled(clean, adversarial)
+    if changed is None:
         return '<td class="verdict"></td>'
-    changed = clean.reply["prediction"]["index"] != adversarial.reply["prediction"]["index"]
     return (f'<td class="verdict {"changed" if changed else "held"}">'
             f'{"fooled" if changed else "held"}</td>')
 

@@ -29,7 +29,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +36,9 @@ import psutil
 
 from training.errors import ConfigError
 
-from .bench_serve import (BATCH_SIZE, DHAT, KNN_K, MAX_BATCH_DELAY_MS, PLAIN, Endpoint, _Clock, endpoints,
-                          eval_images, find_runs, package_and_extract, percentiles, server_settings)
-from .client import Client, ClientError
+from .bench_serve import (DHAT, KNN_K, NO_REPLY, PLAIN, SERVED_AS, Endpoint, Reply, _Clock, endpoints, eval_images,
+                          find_runs, package_and_extract, percentiles, send, server_settings)
+from .client import Client
 from .server import ServerSettings, read_keys, running
 
 TEMP_PREFIX = "robustserve-bench-load-"  # the temporary folder (model store, server state); tests look for it
@@ -50,12 +49,12 @@ RECOVERY_TIMEOUT_S = 60.0  # how long the killed model may take to answer 200 ag
 SMALL_K = 5  # the second kNN endpoint: few neighbours, against KNN_K's many
 IMAGES = 32  # distinct test images the clients send in turn
 EXAMPLES = 5  # failures kept verbatim per phase
-NO_REPLY = 0  # the status recorded when no HTTP reply came (connection refused or reset, timeout)
 
 DEFINITIONS = {
     "requests": "requests sent by the load clients in the phase (warm-up and kill probe excluded)",
     "ok, failed": "requests answered 200 / all others; failed_by_status counts them by HTTP status "
-                  "(0: no HTTP reply: connection error or a timeout of 30 s), failure_examples quotes a few",
+                  f"({NO_REPLY}: no HTTP reply: connection error or a timeout of {REQUEST_TIMEOUT_S:g} s), "
+                  "failure_examples quotes a few",
     "wall_s": "from the first request sent to the last reply read",
     "throughput_req_s": "requests / wall_s (every request, failed ones too); ok_req_s: the 200s only",
     "p50_ms, p99_ms": "percentiles of every request's wall time (time.perf_counter around one POST, body read), "
@@ -69,21 +68,6 @@ DEFINITIONS = {
                                   "(it must differ from killed_pid and be a child of the Java frontend)",
     "kill_worker.load": "the load figures of the phase the kill happened in (it lasts until the recovery)",
 }
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One request of the load: which endpoint, when it was sent and answered, and how."""
-
-    endpoint: str
-    start: float  # time.perf_counter()
-    end: float
-    status: int  # HTTP status, or NO_REPLY
-    detail: str = ""  # the start of the reply body (or the connection error) when status != 200
-
-    @property
-    def ms(self) -> float:
-        return (self.end - self.start) * 1e3
 
 
 def load_endpoints(knn_k: int) -> list[Endpoint]:
@@ -103,17 +87,6 @@ def check_bounds(clients: int, seconds: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- requests
-
-
-def send(client: Client, endpoint: Endpoint, body: bytes) -> Reply:
-    """One POST of a raw PNG to ``endpoint``; a connection error or timeout is a ``NO_REPLY``, never raised."""
-    start = time.perf_counter()
-    try:
-        status, raw = client.request("POST", endpoint.path, body, "image/png")
-        detail = "" if status == 200 else " ".join(raw[:200].decode("utf-8", "replace").split())
-    except ClientError as err:
-        status, detail = NO_REPLY, str(err)[:200]
-    return Reply(endpoint.label, start, time.perf_counter(), status, detail)
 
 
 def run_load(url: str, token: str, points: Sequence[Endpoint], bodies: Sequence[bytes], clients: int,
@@ -147,8 +120,7 @@ def failures(replies: Sequence[Reply]) -> dict[str, Any]:
     return {"failed": len(failed),
             "failed_by_status": {str(s): n for s, n in sorted(Counter(r.status for r in failed).items())},
             "failed_by_endpoint": dict(Counter(r.endpoint for r in failed)),
-            "failure_examples": [f"{r.endpoint}: {'HTTP ' + str(r.status) if r.status else 'no reply'}: {r.detail}"
-                                 for r in failed[:EXAMPLES]]}
+            "failure_examples": [f"{r.endpoint}: {r.failure}" for r in failed[:EXAMPLES]]}
 
 
 def summarize(replies: Sequence[Reply], points: Sequence[Endpoint]) -> dict[str, Any]:
@@ -291,10 +263,8 @@ def bench_load(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path]
                 result["kill_worker"] = kill_phase(settings, token, points, bodies, clients, seconds, kill_worker)
                 clock("kill worker")
     result["settings"] = {"clients": clients, "seconds": seconds, "endpoints": [p.label for p in points],
-                          "images": len(bodies), "batch_size": BATCH_SIZE, "max_batch_delay_ms": MAX_BATCH_DELAY_MS,
-                          "workers": 1, "request_timeout_s": REQUEST_TIMEOUT_S,
-                          "recovery_timeout_s": RECOVERY_TIMEOUT_S,
-                          "request": "raw PNG body, options in the query string, one urllib connection per request"}
+                          "images": len(bodies), **SERVED_AS, "request_timeout_s": REQUEST_TIMEOUT_S,
+                          "recovery_timeout_s": RECOVERY_TIMEOUT_S}
     result["seconds"] = steps
     result["definitions"] = DEFINITIONS
     result["environment"] = environment("cpu")

@@ -29,7 +29,6 @@ import contextlib
 import functools
 import io
 import itertools
-import json
 import os
 import tempfile
 import threading
@@ -47,6 +46,7 @@ import torch
 from training.errors import ConfigError
 
 from . import server
+from .client import Client, ClientError
 
 # serving.bench registers bench_serve in its BENCHMARKS and re-exports it, so this module imports it lazily.
 
@@ -57,6 +57,9 @@ RESNET_IMAGE_SIZE = ("ROBUSTSERVE_IMAGE_SIZE", "32")  # the ImageFolder loader's
 KNN_K = 50
 # TorchServe dynamic batching as `robustserve serve start` sets it, so the figures are the served system's.
 BATCH_SIZE, MAX_BATCH_DELAY_MS = server.ServerSettings.batch_size, server.ServerSettings.max_batch_delay_ms
+# How the benchmarks serve and send, for their results' settings (bench load's too).
+SERVED_AS = {"batch_size": BATCH_SIZE, "max_batch_delay_ms": MAX_BATCH_DELAY_MS, "workers": server.ServerSettings.workers,
+             "request": "raw PNG body, options in the query string, one urllib connection per request"}
 TEMP_PREFIX = "robustserve-bench-serve-"  # the temporary folder (model store, server state); tests look for it
 TARGETS = {"resnet18_e2e_over_forward": 1.3, "dhat_main_over_flop_prediction": 1.10, "ducat_over_base_infer": 1.05,
            "onnx_over_eager": 1.0, "knn_recall": 0.95, "knn_speedup": 10.0}
@@ -71,9 +74,9 @@ class Endpoint:
     options: Mapping[str, Any] = field(default_factory=dict)  # request parameters (query string)
     images: str = "fashion"  # which test images it takes
 
-    @property
+    @functools.cached_property
     def path(self) -> str:
-        """What a client POSTs the raw image to: ``/predictions/<model>?<options>``."""
+        """What a client POSTs the raw image to: ``/predictions/<model>?<options>`` (built once, not per request)."""
         query = "?" + urllib.parse.urlencode(self.options) if self.options else ""
         return f"/predictions/{self.model}{query}"
 
@@ -129,7 +132,10 @@ DEFINITIONS = {
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def _timed_calls(calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+WARMUP = 2  # untimed rounds before the timed ones
+
+
+def _timed_calls(calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = WARMUP) -> dict[str, list[float]]:
     """Wall time in ms of each call, the callables interleaved round-robin ``repeats`` times after ``warmup`` rounds."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     for round_ in range(warmup + repeats):
@@ -268,41 +274,65 @@ def running_server(store: Path, models: Sequence[str], state_dir: Path) -> Itera
         yield settings.inference_address, server.read_keys(settings)["inference"]
 
 
+NO_REPLY = 0  # the status recorded when no HTTP reply came (connection refused or reset, timeout)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One request: which endpoint, when it was sent and answered, and how."""
+
+    endpoint: str
+    start: float  # time.perf_counter()
+    end: float
+    status: int  # HTTP status, or NO_REPLY
+    detail: str = ""  # the start of the reply body (or the connection error) when status != 200
+
+    @property
+    def ms(self) -> float:
+        return (self.end - self.start) * 1e3
+
+    @property
+    def failure(self) -> str:
+        return f"{'HTTP ' + str(self.status) if self.status != NO_REPLY else 'no reply'}: {self.detail}"
+
+
+def send(client: Client, endpoint: Endpoint, body: bytes) -> Reply:
+    """One POST of a raw PNG to ``endpoint``; a connection error or timeout is a ``NO_REPLY``, never raised."""
+    start = time.perf_counter()
+    try:
+        status, raw = client.request("POST", endpoint.path, body, "image/png")
+        detail = "" if status == 200 else " ".join(raw[:200].decode("utf-8", "replace").split())
+    except ClientError as err:
+        status, detail = NO_REPLY, str(err)[:200]
+    return Reply(endpoint.label, start, time.perf_counter(), status, detail)
+
+
 def rest_load(url: str, token: str, endpoint: Endpoint, bodies: Sequence[bytes], clients: int,
               requests: int) -> dict[str, float]:
     """``requests`` POSTs spread over ``clients`` threads (each its own ``Client``); latency percentiles and req/s."""
-    from serving.client import Client
-
     from .bench import BenchmarkError
 
-    path = endpoint.path
     counts = [requests // clients + (i < requests % clients) for i in range(clients)]
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    spans: list[tuple[float, float]] = []
-    failures: list[str] = []
+    replies: list[list[Reply]] = [[] for _ in range(clients)]
     barrier = threading.Barrier(clients)
 
     def worker(i: int) -> None:
         client = Client(url, token=token)
         barrier.wait()
-        first = time.perf_counter()
         for j in range(counts[i]):
-            start = time.perf_counter()
-            status, raw = client.request("POST", path, bodies[(i + j * clients) % len(bodies)], "image/png")
-            latencies[i].append((time.perf_counter() - start) * 1e3)
-            if status != 200:
-                failures.append(f"HTTP {status}: {raw[:200]!r}")
-        spans.append((first, time.perf_counter()))
+            replies[i].append(send(client, endpoint, bodies[(i + j * clients) % len(bodies)]))
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    if failures:
-        raise BenchmarkError(f"{endpoint.label}: {len(failures)} of {requests} requests failed, e.g. {failures[0]}")
-    wall = max(end for _, end in spans) - min(start for start, _ in spans)
-    return {**percentiles([t for thread in latencies for t in thread]), "req_s": requests / wall}
+    every = [reply for thread in replies for reply in thread]
+    failed = [reply for reply in every if reply.status != 200]
+    if failed:
+        raise BenchmarkError(f"{endpoint.label}: {len(failed)} of {requests} requests failed, e.g. {failed[0].failure}")
+    wall = max(r.end for r in every) - min(r.start for r in every)
+    return {**percentiles([r.ms for r in every]), "req_s": requests / wall}
 
 
 def bench_rest(url: str, token: str, points: Sequence[Endpoint], images: Mapping[str, Sequence[bytes]],
@@ -391,15 +421,15 @@ def bench_ducat(ducat_local: Mapping[str, Any], base_local: Mapping[str, Any]) -
 # ---------------------------------------------------------------------------------------------- 6. ONNX vs eager
 
 
-def bench_backends(folder: Path, pixels: torch.Tensor, repeats: int, batches: Sequence[int] = (1, 8)
+def bench_backends(runtime, pixels: torch.Tensor, repeats: int, batches: Sequence[int] = (1, 8)
                    ) -> dict[str, dict[str, float]]:
-    """Part 6: per mode of one extracted archive, bare forward img/s in ONNX Runtime and eager PyTorch."""
+    """Part 6: per mode of one extracted archive, bare forward img/s in ONNX Runtime (``runtime``'s backend)
+    and eager PyTorch."""
     from .runtime import Runtime
 
-    backends = {name: Runtime(folder, backend=name, device="cpu").backend for name in ("onnx", "torch")}
-    modes = json.loads((folder / "served.json").read_text())["modes"]
+    backends = {"onnx": runtime.backend, "torch": Runtime(runtime.folder, backend="torch", device="cpu").backend}
     results = {}
-    for mode in modes:
+    for mode in runtime.served.modes:
         figures: dict[str, float] = {}
         for batch in batches:
             x = np.ascontiguousarray(pixels[:batch].numpy())
@@ -407,7 +437,7 @@ def bench_backends(folder: Path, pixels: torch.Tensor, repeats: int, batches: Se
                        repeats)
             onnx, eager = batch / p50["onnx"] * 1e3, batch / p50["torch"] * 1e3
             figures.update({f"b{batch}_onnx_img_s": onnx, f"b{batch}_eager_img_s": eager, f"b{batch}_ratio": onnx / eager})
-        results[f"{folder.name}/{mode}"] = figures
+        results[f"{runtime.folder.name}/{mode}"] = figures
     return results
 
 
@@ -442,17 +472,16 @@ def default_nlist(n: int) -> int:
     return max(1, min(n // 39, int(4 * np.sqrt(n)), 4096))
 
 
-def _search_next(index, queries: np.ndarray, k: int, batch: int, starts: Iterator[int]) -> None:
-    start = next(starts)
-    index.search(np.ascontiguousarray(queries[np.arange(start, start + batch) % len(queries)]), k)
-
-
 def _search_figures(index, queries: np.ndarray, k: int, repeats: int) -> dict[str, float]:
-    """Search p50 per query at batch 1 and batch 64, the queries taken in turn."""
+    """Search p50 per query at batch 1 and batch 64, the queries taken in turn.
+
+    The batches are cut before the timing: cutting one (~3 us) was ~30% of an IVF search at batch 1."""
     figures = {}
     for batch, rounds in ((1, repeats), (64, max(3, repeats // 16))):
-        search = functools.partial(_search_next, index, queries, k, batch, itertools.count(0, batch))
-        figures[f"b{batch}_ms_per_query"] = _p50({"search": search}, rounds)["search"] / batch
+        batches = itertools.cycle([np.ascontiguousarray(queries[np.arange(i * batch, (i + 1) * batch) % len(queries)])
+                                   for i in range(WARMUP + rounds)])
+        p50 = _p50({"search": lambda batches=batches: index.search(next(batches), k)}, rounds)
+        figures[f"b{batch}_ms_per_query"] = p50["search"] / batch
     return figures
 
 
@@ -473,7 +502,7 @@ def bench_bank(features: np.ndarray, queries: np.ndarray, *, k: int, nprobes: Se
     flat_build = time.perf_counter() - start
     _, truth = flat.search(queries, k)
     flat_figures = {"build_s": flat_build, **_search_figures(flat, queries, k, repeats),
-                    "recall": recall(flat.search(queries, k)[1], truth)}
+                    "recall": recall(truth, truth)}  # the exact search is its own truth
     nlist = default_nlist(len(features))
     size = min(len(features), max(train_sample, 39 * nlist))  # FAISS's k-means wants >= 39 vectors per cell
     sample = features[rng.choice(len(features), size=size, replace=False)]
@@ -628,8 +657,8 @@ def bench_serve(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path
                                                result["endpoints"][PLAIN])
         clock("stop server + in-process figures")
         result["onnx_vs_eager"] = {}  # part 6
-        for name, folder in folders.items():
-            result["onnx_vs_eager"].update(bench_backends(folder, resnet_pixels if name == RESNET_MODEL and resnet18
+        for name, runtime in runtimes.items():
+            result["onnx_vs_eager"].update(bench_backends(runtime, resnet_pixels if name == RESNET_MODEL and resnet18
                                                           else pixels, repeats))
         clock("onnx vs eager")
         from training.knn import MEMORY_BANK, MemoryBank
@@ -645,9 +674,7 @@ def bench_serve(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path
     from .bench import environment
 
     result["settings"] = {"requests": requests, "clients": list(clients), "repeats": repeats, "quick": quick,
-                          "batch_size": BATCH_SIZE, "max_batch_delay_ms": MAX_BATCH_DELAY_MS, "workers": 1,
-                          "request": "raw PNG body, options in the query string, one urllib connection per request",
-                          "onnxruntime": onnxruntime.__version__,
+                          **SERVED_AS, "onnxruntime": onnxruntime.__version__,
                           "onnxruntime_threads": f"ORT default (one per physical core: {psutil.cpu_count(False)})",
                           "knn_sizes": list(knn_sizes), "nprobes": list(nprobes), "knn_queries": knn_queries}
     result["seconds"] = seconds

@@ -124,7 +124,8 @@ def _stage(run_dir: Path, served: ServedModel, export: dict[str, Any], settings:
 
 
 def _archive(served: ServedModel, staging: Path, settings: PackageSettings, model_store: Path) -> Path:
-    """torch-model-archiver into a temporary folder, then an atomic rename into ``model_store``."""
+    """torch-model-archiver into a temporary folder, then an atomic rename into ``model_store``. A failed
+    write raises OSError, which ``package_run`` reports as for every other write into the store."""
     handler = HANDLERS_DIR / f"{served.handler}.py"
     extra = sorted(str(p) for p in staging.iterdir())
     out = Path(tempfile.mkdtemp(prefix=f".{served.name}.", dir=model_store))
@@ -143,8 +144,6 @@ def _archive(served: ServedModel, staging: Path, settings: PackageSettings, mode
         target = model_store / f"{served.name}.mar"
         os.replace(out / f"{served.name}.mar", target)
         return target
-    except OSError as err:
-        raise PackageError(cannot_write(model_store / f"{served.name}.mar", err, STORE_FIX)) from err
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -186,6 +185,6 @@ def package_run(run_dir: str | Path, *, model_store: str | Path = "model_store",
             if sign_key is not None:
                 sign_archive(archive, sign_key)
             archives.append(archive)
-        except OSError as err:  # staging: a full or read-only model store (the folder is removed on the way out)
+        except OSError as err:  # a full or read-only model store (staging and temporary folders are removed)
             raise PackageError(cannot_write(model_store / f"{model.name}.mar", err, STORE_FIX)) from err
     return archives

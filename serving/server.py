@@ -256,6 +256,15 @@ def write_config(settings: ServerSettings) -> Path:
     return settings.config_file
 
 
+def read_config(settings: ServerSettings) -> dict[str, str]:
+    """The properties ``write_config`` wrote into ``state_dir`` (empty when it wrote none): e.g. the addresses
+    of a server started with other ports than ``settings`` has."""
+    if not settings.config_file.is_file():
+        return {}
+    pairs = (line.partition("=") for line in settings.config_file.read_text().splitlines() if not line.startswith("#"))
+    return {key.strip(): value.strip() for key, _, value in pairs}
+
+
 # ---------------------------------------------------------------------------------------------- processes
 
 

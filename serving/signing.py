@@ -44,12 +44,9 @@ def _message(name: str, sha256: str) -> bytes:
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode``; never overwrite (an existing key is somebody's)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise SignatureError(f"{path} already exists; keys are never overwritten, choose another folder") from None
-    with os.fdopen(fd, "wb") as handle:
+    """Create ``path`` with ``mode`` from the start (a private key is never readable by others, even
+    briefly); O_EXCL: never overwrite, even a file that appeared after the caller looked."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as handle:
         handle.write(data)
 
 

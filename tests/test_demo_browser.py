@@ -46,7 +46,7 @@ def pixels(png: bytes) -> np.ndarray:
 
 
 def test_pgd_against_dhat_in_the_page_shows_what_rest_returns_for_the_image_it_shows(page_url, served):  # noqa: F811
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (a test extra)")
     if not CHROMIUM.is_file():
         pytest.skip(f"no {CHROMIUM}: apt-get install chromium (make test installs it)")
     client = Client(served.inference_address, token=server.read_keys(served)["inference"])

@@ -219,9 +219,10 @@ def _collected_warnings(logger_name: str) -> Iterator[list[str]]:
 
 def summarize_check_warnings(messages: list[str], n: int) -> str:
     """pyautoattack's check warnings for an attack on ``n`` images, in one clause ("" if none)."""
-    zero = [int(m.group(1)) for m in map(_ZERO_GRADIENT.search, messages) if m]
+    found = [(_ZERO_GRADIENT.search(m), m) for m in messages]
+    zero = [int(match.group(1)) for match, _ in found if match]
     parts = [f"zero gradients at up to {max(zero)} of {n} images"] if zero else []
-    parts += sorted({m.split("!")[0].split(". ")[0].strip() for m in messages if not _ZERO_GRADIENT.search(m)})
+    parts += sorted({m.split("!")[0].split(". ")[0].strip() for match, m in found if not match})
     return f"pyautoattack's checks warned: {'; '.join(parts)} (a sign of gradient masking)" if parts else ""
 
 
