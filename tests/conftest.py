@@ -76,7 +76,8 @@ def served_runs(tmp_path_factory) -> dict:
         runs = {}
         for recipe_id in SERVED_RECIPES:
             runs[recipe_id] = run_dir = train_tiny(recipe_id, root / "runs")
-            evaluate_run(run_dir, n=10, autoattack_n=0, pgd_steps=1, sweep=[], device="cpu")
+            evaluate_run(run_dir, n=10, autoattack_n=0, pgd_steps=1, pgd_restarts=1, objectives=["ce"], sweep=[],
+                         device="cpu")
             export_run(run_dir)
     torch.set_num_threads(threads)
     return runs

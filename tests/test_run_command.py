@@ -44,7 +44,7 @@ def test_run_trains_evaluates_writes_the_table_and_reuses_finished_runs(learnabl
             "--autoattack-n", "4", "--results", str(results), "--no-serve"]
     assert main(args) == 0
     first = capsys.readouterr().out
-    assert "== natural: training into" in first and "== pgd_at: evaluating every serving mode" in first
+    assert "== natural: training into" in first and "   default: PGD-20 CW margin: " in first  # each row and its cost
     table = results.read_text()
     assert table.startswith("# Results (quick preset)")
     rows = [line for line in table.splitlines() if line.startswith("| natural ") or line.startswith("| pgd_at ")]
@@ -55,5 +55,5 @@ def test_run_trains_evaluates_writes_the_table_and_reuses_finished_runs(learnabl
     assert main(args) == 0  # everything finished is reused: no training, no evaluation
     second = capsys.readouterr().out
     assert "== natural: reusing" in second and "== pgd_at: reusing" in second
-    assert "training into" not in second and "evaluating" not in second
+    assert "training into" not in second and "   default: " not in second  # no row was computed again
     assert results.read_text() == table

@@ -15,8 +15,8 @@ from training.checkpoint import DEFENSE_JSON, CheckpointError, save_tensors, wri
 from training.data import DatasetSpec, TensorImageDataset
 from training.engine import train
 from training.errors import ConfigError
-from training.knn import (MEMORY_BANK, KNNClassifier, MemoryBank, SoftKNN, build_memory_bank, knn_search,
-                          knn_vote)
+from training.knn import (MEMORY_BANK, KNNClassifier, MemoryBank, NearestClassFeatures, SoftKNN, TopKSoftKNN,
+                          build_memory_bank, knn_search, knn_vote)
 from training.models import Normalize, StagedNet
 from training.models.two_head import (CleanEncoder, CosineClassifier, FeatureQueue, RobustFeatures, THATModel,
                                       TwoHeadNet)
@@ -255,9 +255,14 @@ def test_modes_give_the_classifier_and_the_knn_vote_over_the_bank(tmp_path) -> N
     assert tuple(modes) == RECIPE.serving_modes == ("classifier", "knn")
     knn = modes["knn"]
     assert isinstance(knn.module, KNNClassifier) and knn.module.k == 4
-    assert set(knn.attack_surfaces) == {"classifier_head", "soft_knn"}
+    # The classifier head (the paper's transfer attack), the soft vote at three temperatures, the served
+    # top-k vote with soft weights and the feature-space pull; Square queries the hard vote itself.
+    assert set(knn.attack_surfaces) == {"classifier_head", "soft_knn", "soft_knn_T0.0333", "soft_knn_T0.3",
+                                        "top4_soft_knn", "feature_pull"}
     assert knn.attack_surfaces["classifier_head"] is modes["classifier"].module
-    assert isinstance(knn.attack_surfaces["soft_knn"], SoftKNN)
+    assert isinstance(knn.attack_surfaces["soft_knn"], SoftKNN) and knn.attack_surfaces["soft_knn"].temperature == 0.1
+    assert knn.attack_surfaces["soft_knn_T0.0333"].temperature == pytest.approx(0.1 / 3)
+    assert not knn.differentiable and modes["classifier"].differentiable
     x, _ = images(5, seed=9)
     with torch.no_grad():
         query = RobustFeatures(model.robust)(x)
@@ -286,6 +291,33 @@ def test_soft_knn_follows_the_nearest_entries_at_low_temperature() -> None:
     expected = [math.exp(sims[0] / tau) / z, (math.exp(sims[1] / tau) + math.exp(sims[2] / tau)) / z,
                 math.exp(sims[3] / tau) / z]
     assert SoftKNN(encoder, bank, temperature=tau)(query[:1]).softmax(1)[0].tolist() == pytest.approx(expected)
+
+
+def test_top_k_soft_vote_is_the_log_of_the_served_vote_with_soft_weights() -> None:
+    bank = hand_bank()
+    query = torch.tensor([[0.8, 0.6], [-0.9, 0.1]], requires_grad=True)
+    tau = 0.5
+    scores = TopKSoftKNN(nn.Identity(), bank, k=2, temperature=tau)(query)
+    votes = knn_vote(query.detach(), bank, 2, temperature=tau)
+    present = votes > 0
+    # Up to a per-row constant, exp(scores) is the weighted top-2 vote; absent classes are ~0.
+    for row in range(2):
+        r = scores.detach()[row].exp()[present[row]] / votes[row][present[row]]
+        assert torch.allclose(r, r[0].expand_as(r), rtol=1e-4)
+        assert scores.detach()[row][~present[row]].max() < -80
+    assert scores.argmax(1).tolist() == votes.argmax(1).tolist()
+    (grad,) = torch.autograd.grad(scores.log_softmax(1)[:, 0].sum(), query)
+    assert grad.abs().sum() > 0 and torch.isfinite(grad).all()
+
+
+def test_feature_pull_scores_each_class_by_its_nearest_bank_features() -> None:
+    bank = hand_bank()
+    query = torch.tensor([[0.8, 0.6]], requires_grad=True)
+    scores = NearestClassFeatures(nn.Identity(), bank, per_class=2, temperature=0.5)(query)
+    # Class 1 holds two entries (similarities 0.96 and 0.6): their mean; classes 0 and 2 hold one each.
+    assert scores.detach()[0].tolist() == pytest.approx([0.8 / 0.5, (0.96 + 0.6) / 2 / 0.5, -0.8 / 0.5])
+    (grad,) = torch.autograd.grad(scores[0, 0] - scores[0, 1], query)
+    assert grad.abs().sum() > 0  # every class has a gradient, not only the voting ones
 
 
 # -- the paper preset and the pipeline -----------------------------------------------------------

@@ -37,11 +37,13 @@ class CheckpointError(RobustServeError):
     """A checkpoint or run folder cannot be used; the message names the fix."""
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None], *, mode: int | None = None) -> None:
     """Run ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
 
-    A crash, a full disk or a permission error leaves ``path`` as it was and no temporary file; the
-    last two raise CheckpointError with one line that says which and how to fix it.
+    ``mode``: the file's permissions (default: the usual ones, 0666 less the umask); set before the rename,
+    so a private file is never readable by others at ``path``. A crash, a full disk or a permission error
+    leaves ``path`` as it was and no temporary file; the last two raise CheckpointError with one line that
+    says which and how to fix it.
     """
     path = Path(path)
     try:
@@ -54,7 +56,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK if mode is None else mode)  # mkstemp makes 0600
         os.replace(tmp, path)
     except OSError as err:
         raise CheckpointError(cannot_write(path, err)) from err
@@ -62,12 +64,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+def write_text(path: Path, text: str, *, mode: int | None = None) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text), mode=mode)
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+def write_json(path: Path, payload: dict[str, Any], *, mode: int | None = None) -> None:
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n", mode=mode)
 
 
 def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata_: dict[str, str] | None) -> None:
@@ -121,6 +123,14 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
             state.setdefault(int(index), {})[name] = value
     current = optimizer.state_dict()
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import BEST, CheckpointError, atomic_write, write_json
+from .checkpoint import BEST, CheckpointError, atomic_write, sha256_file, write_json
 from .errors import RobustServeError
 from .evaluate import load_test_subset
 from .recipes import ServingMode
@@ -42,14 +42,6 @@ EXPORT_FORMAT = 1  # bumped when export.json changes shape; an older export is r
 
 class ExportError(RobustServeError):
     """An export that failed its parity check (the graph is not written)."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def onnx_bytes(module: torch.nn.Module, example: torch.Tensor) -> bytes:

@@ -8,8 +8,11 @@ them by inner product; the k most similar vote, each with its similarity as weig
 
 ``knn_vote`` is the reference: an exact search in torch. The serving runtime searches a FAISS
 ``IndexFlatIP`` over the same file and must give the same neighbours (the tests check that).
-``KNNClassifier`` is the served mode as a module (pixels -> Eq. 8 scores); ``SoftKNN`` is a smooth
-stand-in an adaptive attacker differentiates through instead of the hard top-k.
+``KNNClassifier`` is the served mode as a module (pixels -> Eq. 8 scores). An adaptive attacker
+differentiates through a smooth stand-in instead of the hard top-k: ``SoftKNN`` (a softmax vote of
+the whole bank), ``TopKSoftKNN`` (the served top-k vote with exponential weights, whose gradient
+flows through the selected neighbours) or ``NearestClassFeatures`` (a feature-space attack: pull
+the query's feature towards the nearest bank features of another class).
 """
 
 from __future__ import annotations
@@ -156,3 +159,51 @@ class SoftKNN(_BankModule):
         mass = torch.zeros(logits.shape[0], self.num_classes, device=logits.device, dtype=logits.dtype)
         mass = mass.scatter_add(1, self.bank_labels.expand_as(weights), weights)
         return mass.clamp_min(torch.finfo(mass.dtype).tiny).log() + shift
+
+
+class TopKSoftKNN(_BankModule):
+    """The top-k vote with weights exp(similarity / temperature), as log class scores.
+
+    Closer to the served vote than ``SoftKNN``: only the k nearest entries count, as in Eq. 8, and
+    the gradient flows through their similarities. A class with no neighbour gets a score of about
+    -87 (log of the smallest float), so cross-entropy still pulls towards the classes present.
+    """
+
+    def __init__(self, encoder: nn.Module, bank: MemoryBank, k: int, temperature: float) -> None:
+        super().__init__(encoder, bank)
+        self.k = k
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(x).float()
+        similarities, indices = knn_search(features, self.bank_features, self.k)
+        # Shift by the largest similarity so exp() stays finite for a small temperature.
+        shift = similarities[:, :1].detach() / self.temperature
+        weights = (similarities / self.temperature - shift).exp()
+        mass = torch.zeros(features.shape[0], self.num_classes, device=weights.device, dtype=weights.dtype)
+        mass = mass.scatter_add(1, self.bank_labels[indices], weights)
+        return mass.clamp_min(torch.finfo(mass.dtype).tiny).log() + shift
+
+
+class NearestClassFeatures(_BankModule):
+    """A feature-space attack surface: class c scores the mean similarity of the query's feature to
+    its ``per_class`` most similar bank features of class c (divided by ``temperature``).
+
+    Raising another class's score pulls the feature into that class's part of the bank, which is
+    what flips a kNN vote; unlike a vote, every class has a score and a gradient everywhere.
+    """
+
+    def __init__(self, encoder: nn.Module, bank: MemoryBank, per_class: int, temperature: float) -> None:
+        super().__init__(encoder, bank)
+        self.per_class = per_class
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        similarities = self.encoder(x).float() @ self.bank_features.T  # [B, N]
+        scores = []
+        for c in range(self.num_classes):
+            of_class = similarities[:, self.bank_labels == c]
+            top = of_class.topk(min(self.per_class, of_class.shape[1]), dim=1).values if of_class.shape[1] else \
+                torch.full_like(similarities[:, :1], -1.0)
+            scores.append(top.mean(dim=1))
+        return torch.stack(scores, dim=1) / self.temperature

@@ -37,6 +37,20 @@ def spec_from_info(info: dict[str, Any]) -> DatasetSpec:
                        std=tuple(info["normalization"]["std"]), default_architecture=info["architecture"])
 
 
+def base_run_dir(run_dir: Path, info: dict[str, Any]) -> Path | None:
+    """The folder of the run that ``run_dir`` started from, if it has one and it is still there: the
+    path recorded at training (relative to where training ran), else a sibling of the same name
+    (run folders moved together)."""
+    base = info.get("base")
+    if not base:
+        return None
+    recorded = Path(base["run_dir"])
+    for candidate in (recorded, Path(run_dir).parent / recorded.name):
+        if (candidate / "defense.json").is_file():
+            return candidate
+    return None
+
+
 def load_run(run_dir: str | Path, *, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild the run's model through its recipe and load the ``best`` (or ``last``) weights."""
     run_dir = Path(run_dir)

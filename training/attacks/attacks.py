@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .core import BNMode, attack_mode, perturb, pgd
 from ..errors import ConfigError
@@ -38,10 +39,14 @@ class Attack(ABC):
     def perturb_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial examples for one batch already on the model's device."""
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, progress: str | None = None) -> torch.Tensor:
+        """Adversarial examples for ``x`` in batches; ``progress`` names a progress bar over the batches."""
         device = next(self.model.parameters()).device
+        starts = range(0, x.shape[0], self.batch_size)
+        if progress is not None:
+            starts = tqdm(starts, desc=progress, unit="batch", leave=False, dynamic_ncols=True)
         out = [self.perturb_batch(x[start:start + self.batch_size].to(device), y[start:start + self.batch_size].to(device))
-               for start in range(0, x.shape[0], self.batch_size)]
+               for start in starts]
         if len(out) == 1:
             return out[0].to(x.device)
         return torch.cat(out).to(x.device) if out else x.clone()

@@ -217,8 +217,10 @@ def pgd(
 ) -> torch.Tensor:
     """PGD with restarts: per sample, keep the start that fools the model, else the highest loss.
 
-    The ``kl`` objective compares with the clean logits; they are computed here, in the attack's
-    model state, unless the caller passes them.
+    A restart attacks only the samples that no earlier start has fooled (what AutoAttack does):
+    the result per sample is the same as running every start on every sample, at a fraction of
+    the cost once most samples are fooled. The ``kl`` objective compares with the clean logits;
+    they are computed here, in the attack's model state, unless the caller passes them.
     """
     if eps < 0 or steps < 0 or restarts < 1:
         raise ValueError(f"need eps >= 0, steps >= 0, restarts >= 1 (got {eps}, {steps}, {restarts})")
@@ -228,19 +230,23 @@ def pgd(
         if objective == "kl" and clean_logits is None:
             with torch.no_grad():
                 clean_logits = model(x).float()
-        best, best_score = x.detach(), torch.full((x.shape[0],), float("-inf"), device=x.device)
+        best, best_score = x.detach().clone(), torch.full((x.shape[0],), float("-inf"), device=x.device)
+        todo = torch.arange(x.shape[0], device=x.device)  # samples no start has fooled yet
         for _ in range(restarts):
-            x_adv, _ = perturb(model, x, y, eps=eps, step_size=step_size, steps=steps, threat=threat,
-                               objective=objective, start=start, targeted=targeted,
-                               clean_logits=clean_logits)
+            clean_todo = None if clean_logits is None else clean_logits[todo]
+            x_adv, _ = perturb(model, x[todo], y[todo], eps=eps, step_size=step_size, steps=steps, threat=threat,
+                               objective=objective, start=start, targeted=targeted, clean_logits=clean_todo)
             if restarts == 1:
                 return x_adv
             with torch.no_grad():
                 logits = model(x_adv).float()
-                success = (logits.argmax(1) == y) if targeted else (logits.argmax(1) != y)
+                success = (logits.argmax(1) == y[todo]) if targeted else (logits.argmax(1) != y[todo])
                 # Success dominates, then the objective breaks ties.
-                score = sign * objective_fn(logits, y, clean_logits) + 1e6 * success.float()
-            better = score > best_score
-            best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv, best)
-            best_score = torch.where(better, score, best_score)
+                score = sign * objective_fn(logits, y[todo], clean_todo) + 1e6 * success.float()
+            better = score > best_score[todo]
+            best[todo[better]] = x_adv[better]
+            best_score[todo[better]] = score[better]
+            todo = todo[~success]
+            if todo.numel() == 0:
+                break
     return best

@@ -60,6 +60,7 @@ def robust_objective(alpha: float) -> Objective:
 @register_recipe
 class ACT(SingleStageRecipe):
     id = "act"
+    compared_with = "trades"
     description = "Adversarial Concurrent Training: robust G and natural F trained together with mutual KL mimicry (G served)"
     reference = "ResNet-18, CIFAR-10: clean 84.3, PGD-20 55.8, PGD-1000 53.6 (Table 2)"
     presets: dict[str, dict[str, Any]] = {
@@ -92,4 +93,6 @@ class ACT(SingleStageRecipe):
         return l_g + l_f, logits_g_adv
 
     def modes(self, model: nn.Module, run_dir: Path | None = None) -> dict[str, ServingMode]:
-        return {"default": ServingMode(model.robust, "the robust model G's logits (F is kept, not served)")}
+        # F's adversarial examples are a transfer attack on G (the two learnt side by side).
+        return {"default": ServingMode(model.robust, "the robust model G's logits (F is kept, not served)",
+                                       transfer_sources={"natural_F": model.natural})}

@@ -93,11 +93,20 @@ class ServingMode:
     ``scores_from_graph`` maps the graph's output back to ``module``'s scores, so that ``module(x) ==
     scores_from_graph(graph(x))``: export uses it to check an ONNX graph's predictions, and the
     runtime's reply must predict exactly what ``module`` predicts (the serving tests check it).
+
+    For evaluation, ``differentiable`` is False where the served output has no useful gradient end
+    to end (a hard vote, an argmax mapped through a table): the query-only Square attack then runs
+    on it. ``transfer_sources`` are other models whose adversarial examples are tried on the mode
+    (ACT's natural model F); ``transfer_from_base`` adds the run's base run (DUCAT's PGD-AT,
+    AFT-DRA's natural model, DH-AT's main network) unless the mode *is* the base network.
     """
 
     module: nn.Module
     description: str
     attack_surfaces: dict[str, nn.Module] = field(default_factory=dict)
+    differentiable: bool = True
+    transfer_sources: dict[str, nn.Module] = field(default_factory=dict)
+    transfer_from_base: bool = True
     graph: nn.Module | None = None
     postprocess: str = "logits"
     scores_from_graph: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -120,6 +129,9 @@ class Recipe(ABC):
     bases: ClassVar[tuple[str, ...]] = ()  # recipes whose finished run may initialise this one
     # The paper's own headline numbers (CIFAR-10 where it has them), for RESULTS.md's reference column: theirs, not ours.
     reference: ClassVar[str] = ""
+    # The recipe a run is compared with in the results ("vs base") when it has no base run of its own:
+    # the baseline its paper measures itself against.
+    compared_with: ClassVar[str | None] = None
 
     def config(self, preset: str, **overrides: Any) -> TrainConfig:
         """The ``TrainConfig`` of ``preset`` with ``overrides`` applied on top."""

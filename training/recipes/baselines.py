@@ -46,6 +46,7 @@ class Natural(SingleStageRecipe):
 @register_recipe
 class PGDAT(SingleStageRecipe):
     id = "pgd_at"
+    compared_with = "natural"
     description = "Madry et al. 2018: train on PGD adversarial examples (Rice et al. 2020's PreActResNet-18 setup)"
     reference = "ResNet-18, CIFAR-10: clean 85.1, PGD-20 50.5 (ACT paper, Table 2)"
     presets = {
@@ -64,6 +65,7 @@ class PGDAT(SingleStageRecipe):
 @register_recipe
 class TRADES(SingleStageRecipe):
     id = "trades"
+    compared_with = "pgd_at"
     description = "Zhang et al. 2019: CE on clean + beta * KL(clean || adversarial), adversary maximises the KL"
     reference = "ResNet-18, CIFAR-10, 1/lambda 5: clean 83.5, PGD-20 53.8 (ACT paper, Table 2)"
     presets = {
@@ -82,6 +84,7 @@ class TRADES(SingleStageRecipe):
 @register_recipe
 class MART(SingleStageRecipe):
     id = "mart"
+    compared_with = "pgd_at"
     description = "Wang et al. 2020: boosted CE on adversarial + misclassification-weighted KL"
     presets = {
         "paper": {**CIFAR_EPS, "arch": "resnet18", "epochs": 120, "lr": 0.01, "weight_decay": 3.5e-3,
@@ -99,6 +102,7 @@ class MART(SingleStageRecipe):
 @register_recipe
 class ConsistencyAT(SingleStageRecipe):
     id = "consistency_at"
+    compared_with = "pgd_at"
     description = "Tack et al. 2022 on PGD-AT: two augmented adversarial views, CE + lambda * JS(views / tau)"
     presets = {
         # Tack et al. use AutoAugment for the two views; here both views use the dataset's standard

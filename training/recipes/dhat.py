@@ -137,7 +137,8 @@ class DHAT(Recipe):
     def modes(self, model: nn.Module, run_dir: Path | None = None) -> dict[str, ServingMode]:
         net = _dual(model)
         return {
-            "main": ServingMode(net.view("main"), "the base network alone (second head switched off)"),
+            "main": ServingMode(net.view("main"), "the base network alone (second head switched off)",
+                                transfer_from_base=False),
             "second": ServingMode(net.view("second"), "the shared trunk and the second head"),
             "both": ServingMode(net.view("both"), "the aggregator CNN over both heads' logits",
                                 attack_surfaces={"main_head": net.view("main"), "second_head": net.view("second")},

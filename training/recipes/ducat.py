@@ -210,6 +210,8 @@ class DUCAT(SingleStageRecipe):
                     "raw_logits": model,
                 },
                 # The pairing stays out of the exported graph: the runtime recovers with pairing.json.
+                # The served argmax maps through the pairing table: Square queries it as it is served.
+                differentiable=False,
                 graph=model, postprocess="recover_dummy_classes",
                 scores_from_graph=lambda logits_2c: recovered_scores(logits_2c, recovered.dummy_index)),
             "raw": ServingMode(model, "the 2C logits as they are: a prediction in a dummy class is wrong",

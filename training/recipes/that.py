@@ -48,7 +48,7 @@ from ..checkpoint import read_defense_json
 from ..config import TrainConfig
 from ..data import DatasetSpec
 from ..errors import ConfigError
-from ..knn import MEMORY_BANK, KNNClassifier, MemoryBank, SoftKNN, build_memory_bank
+from ..knn import MEMORY_BANK, KNNClassifier, MemoryBank, NearestClassFeatures, SoftKNN, TopKSoftKNN, build_memory_bank
 from ..models.two_head import CleanEncoder, FeatureQueue, RobustFeatures, THATModel, TwoHeadNet
 from .base import Recipe, ServingMode, Stage, StepContext, register_recipe
 from .baselines import QUICK
@@ -165,9 +165,23 @@ QUICK_PARAMS: dict[str, Any] = {
 }
 
 
+def knn_attack_surfaces(query: nn.Module, bank: MemoryBank, p: THATParams) -> dict[str, nn.Module]:
+    """The adaptive attacks on the kNN vote: the soft vote of the whole bank at three temperatures
+    around ``soft_knn_temperature`` (too sharp and its gradient vanishes, too smooth and it stops
+    following the nearest entries), the served top-k vote with soft weights, and the feature-space
+    pull towards another class's nearest bank features."""
+    colder, warmer = p.soft_knn_temperature / 3, p.soft_knn_temperature * 3
+    return {"soft_knn": SoftKNN(query, bank, p.soft_knn_temperature),
+            f"soft_knn_T{colder:.3g}": SoftKNN(query, bank, colder),
+            f"soft_knn_T{warmer:.3g}": SoftKNN(query, bank, warmer),
+            f"top{p.knn_k}_soft_knn": TopKSoftKNN(query, bank, p.knn_k, p.soft_knn_temperature),
+            "feature_pull": NearestClassFeatures(query, bank, per_class=10, temperature=p.soft_knn_temperature)}
+
+
 @register_recipe
 class THAT(Recipe):
     id = "that"
+    compared_with = "pgd_at"
     reference = "ImageNet (not CIFAR-10), ResNet-152, targeted AT: classifier clean 60.4, PGD-1000 44.2; kNN (top-50) PGD-10 35.4 (Tables 1, 3)"
     description = ("Wu et al. 2021: a frozen clean encoder, and a robust two-head network trained with "
                    "normalised CE + a contrastive loss to the clean features; classifier or kNN serving")
@@ -289,8 +303,8 @@ class THAT(Recipe):
             knn,
             f"Eq. 8: top-{p.knn_k} vote over the {p.bank_features}-encoder features of {len(bank)} training "
             f"images, queried with the robust feature head",
-            attack_surfaces={"classifier_head": model.robust,
-                             "soft_knn": SoftKNN(query, bank, p.soft_knn_temperature)},
+            attack_surfaces={"classifier_head": model.robust, **knn_attack_surfaces(query, bank, p)},
+            differentiable=False,  # a hard top-k vote: Square queries it as it is served
             # Only the query encoder is exported; the runtime searches FAISS and votes (Eq. 8).
             graph=query, postprocess="knn", scores_from_graph=knn.vote)
         return modes

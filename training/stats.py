@@ -1,0 +1,139 @@
+"""Confidence intervals for accuracies, and the paired comparison of two models on the same images.
+
+Every accuracy robustserve reports is a proportion k/n of test images, so it carries sampling
+error: 46% on 50 images is anything from about 33% to 60%. These functions give that error and
+decide comparisons from data:
+
+* ``wilson_interval``: the 95% Wilson score interval of k/n (Wilson 1927). Unlike the normal
+  approximation it stays inside [0, 1] and is accurate for small n and for k near 0 or n.
+* ``paired_difference``: the difference of two accuracies measured on the *same* images, with
+  Newcombe's interval for paired proportions (Newcombe 1998, Stat. Med. 17:2635, method 10) and
+  the exact McNemar test (a two-sided binomial test on the discordant images). Pairing matters:
+  two models that agree on most images differ far less by chance than two independent samples.
+
+``verdict`` turns a paired interval into "better", "worse" or "no detectable difference".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+@dataclass(frozen=True)
+class Proportion:
+    """k of n, with its 95% Wilson interval."""
+
+    k: int
+    n: int
+    low: float
+    high: float
+
+    @property
+    def value(self) -> float:
+        return self.k / self.n if self.n else float("nan")
+
+    def to_json(self) -> dict[str, float | int]:
+        return {"accuracy": self.value, "k": self.k, "n": self.n, "ci95": [self.low, self.high]}
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of the proportion ``k / n`` (``(nan, nan)`` for n = 0)."""
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # In exact arithmetic k = 0 gives a lower end of exactly 0 and k = n an upper end of exactly 1;
+    # floating point misses by ~1e-17, which would put the interval beside its own proportion.
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return low, high
+
+
+def proportion(flags: Sequence[bool]) -> Proportion:
+    """The share of true ``flags`` (one per image) with its Wilson interval."""
+    k, n = int(sum(bool(f) for f in flags)), len(flags)
+    return Proportion(k, n, *wilson_interval(k, n))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Accuracy of A minus accuracy of B on the same n images."""
+
+    n: int
+    only_a: int  # images A gets right and B gets wrong
+    only_b: int  # images B gets right and A gets wrong
+    difference: float
+    low: float
+    high: float
+    mcnemar_p: float  # exact two-sided McNemar p-value
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.low, self.high)
+
+    def to_json(self) -> dict[str, float | int | str | list[float]]:
+        return {"difference": self.difference, "ci95": [self.low, self.high], "n": self.n, "only_a": self.only_a,
+                "only_b": self.only_b, "mcnemar_p": self.mcnemar_p, "verdict": self.verdict}
+
+
+def verdict(low: float, high: float) -> str:
+    """"better" when the whole 95% interval of A - B is above zero, "worse" when below, else undecided."""
+    if low > 0:
+        return "better"
+    if high < 0:
+        return "worse"
+    return "no detectable difference"
+
+
+def mcnemar_exact_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test: P(a split at least this uneven) under Binomial(b + c, 1/2)."""
+    discordant = only_a + only_b
+    if discordant == 0:
+        return 1.0
+    tail = min(only_a, only_b)
+    # Sum the smaller tail exactly, with integers, then double it (the distribution is symmetric).
+    p = 2 * sum(math.comb(discordant, i) for i in range(tail + 1)) / 2 ** discordant
+    return min(1.0, p)
+
+
+def paired_difference(a: Sequence[bool], b: Sequence[bool], z: float = Z95) -> PairedDifference:
+    """Accuracy of A minus B on the same images (``a[i]``, ``b[i]``: image i classified correctly),
+    with Newcombe's hybrid score interval for paired proportions (method 10) and McNemar's p."""
+    if len(a) != len(b):
+        raise ValueError(f"paired flags must have one entry per image each (got {len(a)} and {len(b)})")
+    n = len(a)
+    if n == 0:
+        raise ValueError("no images to compare")
+    both = sum(1 for x, y in zip(a, b) if x and y)
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    neither = n - both - only_a - only_b
+    p1, p2 = (both + only_a) / n, (both + only_b) / n
+    l1, u1 = wilson_interval(both + only_a, n, z)
+    l2, u2 = wilson_interval(both + only_b, n, z)
+    # The correlation of the two correct-flags (phi), which narrows the interval when they agree.
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    phi = (both * neither - only_a * only_b) / math.sqrt(margins) if margins else 0.0
+    difference = p1 - p2
+    below = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return PairedDifference(n, only_a, only_b, difference, max(-1.0, difference - below),
+                            min(1.0, difference + above), mcnemar_exact_p(only_a, only_b))
+
+
+def format_proportion(value: float, low: float, high: float, n: int) -> str:
+    """``46.0 [33.0, 60.0] n=50``: a percentage with its 95% interval and its n."""
+    return f"{100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}] n={n}"
+
+
+def format_difference(diff: PairedDifference, *, with_verdict: bool = True) -> str:
+    """``+4.0 [-1.2, +9.1] n=300: no detectable difference``, in percentage points."""
+    return (f"{100 * diff.difference:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] n={diff.n}"
+            + (f": {diff.verdict}" if with_verdict else ""))
