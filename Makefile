@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages the product needs: Java for TorchServe, the default dataset, Chromium for the demo's browser test.
-APT_PACKAGES := openjdk-17-jre-headless dataset-fashion-mnist chromium
+# Debian packages the product needs: Java for TorchServe, the default dataset, Chromium for the demo's browser test,
+# nginx for the TLS proxy in front of TorchServe (`robustserve serve start --proxy`, tests/test_proxy.py).
+APT_PACKAGES := openjdk-17-jre-headless dataset-fashion-mnist chromium nginx
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: run test install system clean
@@ -26,10 +27,18 @@ system:
 	  missing="$$missing openjdk-17-jre-headless"; fi; \
 	[ -f $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing \
+	      || exit 1; \
+	    case "$$missing" in *nginx*) \
+	      if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then \
+	        echo "robustserve runs nginx itself (serve start --proxy): disabling the service Debian's package started"; \
+	        systemctl disable --now nginx; \
+	      fi;; \
+	    esac; \
 	  else \
 	    echo "robustserve needs Debian packages:$$missing. Run: sudo apt-get update && sudo apt-get install -y$$missing" >&2; \
 	    exit 1; \

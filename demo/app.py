@@ -34,7 +34,7 @@ from training.recipes import ServingMode
 from .attacks import (ATTACK_SPECS, MAX_EPS, MAX_STEPS, SQUARE_QUERIES, AttackError, RestScores, amplified,
                       attack_surface, check_settings, grid_eps, perturbation_norms, square, to_png, white_box)
 from .inputs import MAX_SIDE, MAX_UPLOAD_BYTES, InputError, ModelInput, convert_drawing, convert_file
-from .rest import Answer, Endpoint, ask_all, comparison_html, fooled, neighbours, served_endpoints
+from .rest import Answer, Endpoint, ask_all, comparison_html, neighbours, served_endpoints, verdict
 
 GALLERY_SIZE = 12
 DEFAULT_ATTACK = "PGD"
@@ -51,16 +51,22 @@ def default_run_dirs(runs_root: Path) -> dict[str, Path]:
     return {recipe: default_run_dir(config, config.arch or "", runs_root) for recipe, config in configs.items()}
 
 
-def state_dir_client(state_dir: Path) -> Callable[[], Client]:
-    """A client of the TorchServe started from ``state_dir``: its inference address from config.properties and
+@dataclass(frozen=True)
+class StateDirClient:
+    """Clients of the TorchServe started from ``state_dir``: its inference address from config.properties and
     its inference key from key_file.json, read at every call because a restarted server has new keys."""
 
-    def connect() -> Client:
-        settings = ServerSettings(state_dir=state_dir)
+    state_dir: Path
+
+    def __call__(self) -> Client:
+        settings = ServerSettings(state_dir=self.state_dir)
         address = read_config(settings).get("inference_address", settings.inference_address)
         return Client(address, token=read_keys(settings)["inference"])
 
-    return connect
+
+def state_dir_client(state_dir: Path) -> StateDirClient:
+    """What ``Demo`` connects with to the TorchServe of ``state_dir`` (the demo then asks only what it serves)."""
+    return StateDirClient(Path(state_dir))
 
 
 def gallery_indices(labels: torch.Tensor, n: int) -> list[int]:
@@ -93,7 +99,8 @@ class Demo:
                  data_root: str | Path | None = None, gallery_size: int = GALLERY_SIZE) -> None:
         self.connect = connect
         self.run_dirs = {recipe: Path(folder) for recipe, folder in run_dirs.items()}
-        self.endpoints = served_endpoints()
+        # What the server loaded, in the modes it serves: asking for anything else only fills its log with 404s.
+        self.endpoints = served_endpoints(connect.state_dir if isinstance(connect, StateDirClient) else None)
         runs = [folder for folder in self.run_dirs.values() if (folder / "defense.json").is_file()]
         info = read_defense_json(runs[0]) if runs else {"dataset": DEFAULT_DATASET, "config": {}}
         self.dataset = info["dataset"]
@@ -188,10 +195,11 @@ class Demo:
         setting = (f"**{spec.label}** ({spec.about}) against **{endpoint.label}**, eps = {round(eps_grid * 255)}/255 "
                    f"= {eps_grid:.4f} (the {eps:g} asked for, on whole 8-bit levels)"
                    + (f", {steps} steps" if spec.takes_steps else "") + f"; {how}.")
-        summary = "\n\n".join([setting, _verdict(endpoint, attacked, after, source.label),
+        truth = self.class_names.index(source.label) if source.label in self.class_names else None
+        summary = "\n\n".join([setting, _verdict(endpoint, attacked, after, truth, self.class_names),
                                 _norms(perturbation_norms(x, x_adv), gain)])
         return AttackResult(clean_png, adversarial_png, perturbation, summary,
-                            comparison_html(clean, adversarial, endpoint), self._neighbours(clean),
+                            comparison_html(clean, adversarial, endpoint, truth), self._neighbours(clean),
                             self._neighbours(adversarial), clean, adversarial)
 
     def _neighbours(self, answers: list[Answer]) -> list[tuple[np.ndarray, str]]:
@@ -206,13 +214,14 @@ class Demo:
         return str(path)
 
 
-def _verdict(endpoint: Endpoint, before: Answer, after: Answer, truth: str | None) -> str:
+def _verdict(endpoint: Endpoint, before: Answer, after: Answer, truth: int | None, class_names: list[str]) -> str:
     was = before.reply["prediction"]["name"]  # type: ignore[index]
     now = after.reply["prediction"]["name"] if after.reply else f"(refused: {after.error})"
-    held = "**fooled**" if fooled(before, after) else "**held**"
-    known = f" The image's true class: **{truth}**." if truth else ""
+    said = verdict(before, after, truth)
+    judged = (f"the image's true class is **{class_names[truth]}**" if truth is not None else
+              "an upload or a drawing has no known true class, so only whether the answer changed is said")
     return (f"{endpoint.label} said **{was}** for the clean image (the attack pushes away from it) and says "
-            f"**{now}** for the adversarial one: {held}.{known}")
+            f"**{now}** for the adversarial one" + (f": **{said}** ({judged})." if said else "."))
 
 
 def _norms(norms: dict[str, float], gain: float) -> str:
@@ -253,8 +262,8 @@ CSS = """
 #comparison-table .signal { font-size: 12px; color: #555; }
 #comparison-table .refused { color: #b00; }
 #comparison-table tr.attacked { background: #fff6e0; }
-#comparison-table td.changed { color: #b00; font-weight: 600; }
-#comparison-table td.held { color: #070; font-weight: 600; }
+#comparison-table td.fooled, #comparison-table td.changed { color: #b00; font-weight: 600; }
+#comparison-table td.held, #comparison-table td.unchanged { color: #070; font-weight: 600; }
 """
 
 

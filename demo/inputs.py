@@ -74,9 +74,17 @@ def convert_file(path: str | Path, size: tuple[int, int] = (28, 28)) -> ModelInp
             image.load()
             return convert_image(ImageOps.exif_transpose(image), size, first_caption=described)
     except (UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise InputError(f"{path.name} is not an image the demo can read: {err}") from None
+        raise InputError(f"{path.name} is not an image the demo can read: {_without_folder(err, path)}") from None
     except OSError as err:  # truncated or corrupt data
-        raise InputError(f"{path.name} could not be decoded: {err}") from None
+        raise InputError(f"{path.name} could not be decoded: {_without_folder(err, path)}") from None
+
+
+def _without_folder(err: Exception, path: Path) -> str:
+    """Pillow's message with the upload's path cut to its file name: the folder is the server's temporary one."""
+    message = str(err)
+    for shown in {str(path), str(path.absolute()), str(path.resolve())}:
+        message = message.replace(shown, path.name)
+    return message
 
 
 def convert_drawing(sketch: dict[str, Any] | None, size: tuple[int, int] = (28, 28)) -> ModelInput:

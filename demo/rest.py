@@ -1,10 +1,13 @@
 """What every served defense says about an image, over REST, and the side-by-side table the page shows.
 
-An endpoint is one served model in one mode (``dhat`` x main/second/both, ``ducat`` x recovered/raw,
-``that_knn`` x knn, ...), listed from ``serving.package.SERVED_MODELS``. ``ask_all`` sends one PNG to
-every endpoint; a model this TorchServe does not serve (404) is left out, any other refusal stays in
-its row as a message. ``comparison_html`` renders the clean and adversarial replies side by side
-with probability bars and the defenses' attack signals; each cell shows only what the reply says.
+An endpoint is one served model in one mode (``dhat`` x main/second/both, ``ducat`` x recovered,
+``that_knn`` x knn, ...): what the running TorchServe loaded (``served_endpoints(state_dir)``: its
+config.properties and each archive's served.json), or every model the packaging can serve when no
+server ran yet. ``ask_all`` sends one PNG to every endpoint; a model this TorchServe does not serve
+(404) is left out, any other refusal stays in its row as a message. ``comparison_html`` renders the
+clean and adversarial replies side by side with probability bars, the defenses' attack signals and a
+verdict per row (``verdict``: against the true class where the image has one); each cell shows only
+what the reply says.
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ import html
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from serving.client import Client, ClientError
 from serving.package import SERVED_MODELS
+from serving.runtime import ServedInfo
+from serving.server import ServerSettings, read_config
 from training.errors import RobustServeError
 
 Reply = dict[str, Any]
@@ -42,12 +48,24 @@ class Endpoint:
         return {self.parameter: self.mode}
 
 
-def served_endpoints() -> list[Endpoint]:
-    """Every (model, mode) the packaging can serve, defenses first (``SERVED_MODELS``' order)."""
+def served_endpoints(state_dir: Path | None = None) -> list[Endpoint]:
+    """Every (model, mode) to ask, defenses first (``SERVED_MODELS``' order).
+
+    With ``state_dir``: the models its TorchServe loaded at start (config.properties' ``load_models``) in the
+    modes each archive serves (its served.json: a secret DUCAT pairing's raw scores are not among them).
+    Without one, or before any server wrote its config there: every model and mode the packaging can serve."""
     from training.recipes import get_recipe
 
-    return [Endpoint(model.name, mode, model.mode_parameter, model.recipe) for model in SERVED_MODELS.values()
-            for mode in (model.modes or get_recipe(model.recipe).serving_modes)]
+    config = read_config(ServerSettings(state_dir=state_dir)) if state_dir is not None else {}
+    if "load_models" not in config:
+        return [Endpoint(model.name, mode, model.mode_parameter, model.recipe) for model in SERVED_MODELS.values()
+                for mode in (model.modes or get_recipe(model.recipe).serving_modes)]
+    store = Path(config["model_store"])
+    served = [ServedInfo.from_archive(store / entry.split("=", 1)[1]) for entry in config["load_models"].split(",")
+              if entry]
+    order = list(SERVED_MODELS)
+    served.sort(key=lambda info: order.index(info.name) if info.name in order else len(order))
+    return [Endpoint(info.name, mode, info.mode_parameter, info.defense) for info in served for mode in info.modes]
 
 
 @dataclass(frozen=True)
@@ -89,8 +107,7 @@ def signal_text(reply: Reply) -> str:
     """A defense's attack signal in words, or "" when the reply has none."""
     signal = reply.get("signal") or {}
     if "dummy_class_hit" in signal:
-        hit = "yes" if signal["dummy_class_hit"] else "no"
-        return f"dummy-class hit: {hit} (raw: {signal['raw_prediction']['name']})"
+        return f"dummy-class hit: {'yes' if signal['dummy_class_hit'] else 'no'}"
     if "heads_disagree" in signal:
         verdict = "yes" if signal["heads_disagree"] else "no"
         return (f"heads disagree: {verdict} (main: {signal['main_head']['name']}, "
@@ -118,31 +135,42 @@ def _cell(answer: Answer | None) -> str:
             + (f'<div class="signal">{html.escape(signal)}</div>' if signal else "") + "</td>")
 
 
-def fooled(clean: Answer, adversarial: Answer | None) -> bool | None:
-    """Whether the adversarial image changed the endpoint's prediction; None when either image got no reply."""
+def verdict(clean: Answer, adversarial: Answer | None, truth: int | None) -> str | None:
+    """What the attack did to one endpoint; None when either image got no reply.
+
+    Against the true class where the image has one (a test image): ``fooled`` (right, then wrong), ``held``
+    (right both times), ``corrected`` (wrong, then right) or ``wrong already`` (wrong both times). Without one
+    (an upload, a drawing) only whether the prediction ``changed`` or stayed ``unchanged``."""
     if adversarial is None or clean.reply is None or adversarial.reply is None:
         return None
-    return clean.reply["prediction"]["index"] != adversarial.reply["prediction"]["index"]
+    before, after = clean.reply["prediction"]["index"], adversarial.reply["prediction"]["index"]
+    if truth is None:
+        return "changed" if before != after else "unchanged"
+    if before == truth:
+        return "held" if after == truth else "fooled"
+    return "corrected" if after == truth else "wrong already"
 
 
-def _verdict(clean: Answer, adversarial: Answer | None) -> str:
-    changed = fooled(clean, adversarial)
-    if changed is None:
+def _verdict_cell(clean: Answer, adversarial: Answer | None, truth: int | None) -> str:
+    said = verdict(clean, adversarial, truth)
+    if said is None:
         return '<td class="verdict"></td>'
-    return (f'<td class="verdict {"changed" if changed else "held"}">'
-            f'{"fooled" if changed else "held"}</td>')
+    return f'<td class="verdict {said.replace(" ", "-")}">{said}</td>'
 
 
-def comparison_html(clean: Sequence[Answer], adversarial: Sequence[Answer] | None, attacked: Endpoint) -> str:
-    """The table of every endpoint's reply for the clean and the adversarial image; the attacked row marked."""
+def comparison_html(clean: Sequence[Answer], adversarial: Sequence[Answer] | None, attacked: Endpoint,
+                    truth: int | None = None) -> str:
+    """The table of every endpoint's reply for the clean and the adversarial image, each row's verdict (against
+    the true class ``truth`` where known); the attacked row marked."""
     by_endpoint = {a.endpoint: a for a in adversarial or ()}
     rows = []
     for answer in clean:
         endpoint = answer.endpoint
         mark = ' class="attacked"' if endpoint == attacked else ""
+        after = by_endpoint.get(endpoint)
         rows.append(f'<tr{mark} data-model="{html.escape(endpoint.model)}" data-mode="{html.escape(endpoint.mode)}">'
                     f'<th>{html.escape(endpoint.label)}' + ("<br><small>attacked</small>" if mark else "") + "</th>"
-                    f"{_cell(answer)}{_cell(by_endpoint.get(endpoint))}{_verdict(answer, by_endpoint.get(endpoint))}"
+                    f"{_cell(answer)}{_cell(after)}{_verdict_cell(answer, after, truth)}"
                     "</tr>")
     return ('<table id="comparison-table"><thead><tr><th>served model · mode</th><th>clean image</th>'
             '<th>adversarial image</th><th></th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")

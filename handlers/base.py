@@ -2,12 +2,14 @@
 
 ``RuntimeHandler`` does only translation. It loads a ``serving.runtime.Runtime`` from the extracted
 archive (the runtime checks the archive's SHA-256 manifest first and refuses a changed one), turns
-each TorchServe request of a dynamic batch into the runtime's fields (body, form fields, query
-parameters, and the request headers a handler class maps to parameters), and sets each reply's
-own HTTP status, so one bad request in a batch gets its 4xx while the others get their answers.
-It also counts requests per model and mode and the attack signals raised, as Prometheus metrics.
+each TorchServe request of a dynamic batch into the runtime's ``Fields`` (body, form fields, query
+parameters, request headers, the body's content type, and the names given more than once), and sets
+each reply's own HTTP status, so one bad request in a batch gets its 4xx while the others get their
+answers. A refused request is one line in the model log. It also counts requests per model and mode
+and the attack signals raised, as Prometheus metrics.
 
-Subclasses, one per behaviour, only say which request headers stand for which parameters.
+The server leaves request bodies undecoded (``decode_input_request=false``, ``serving.server``), so the
+runtime applies its size limits before any JSON is parsed. Subclasses, one per behaviour, only document it.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from __future__ import annotations
 import json
 import logging
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import Any
 
-from serving.runtime import ArchiveError, Runtime
+from serving.runtime import ArchiveError, Fields, Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +28,33 @@ REQUESTS_METRIC = "RobustServeRequests"
 SIGNALS_METRIC = "RobustServeAttackSignals"
 METRIC_DIMENSIONS = ["ModelName", "Mode"]
 TORCHSERVE_FIELDS = ("model_name",)  # TorchServe's own routing parameters, not the model's
+REPEATED_NAMES = "robustserve_repeated_names"  # set on each request's RequestProcessor by _keep_repeated_names
+
+
+def _keep_repeated_names() -> None:
+    """Make TorchServe's worker remember which parameter names a request repeated.
+
+    TorchServe 0.12 (its last release) builds each request's dict of query parameters and form fields in the
+    static ``Service.retrieve_data_for_inference``, where a name given twice (``?top_k=3&top_k=4``, a form with
+    two ``data`` files) keeps only its last value; nothing else tells the handler. This wraps it to set the
+    repeated names on each request's ``RequestProcessor`` as an attribute (not a header: a client cannot
+    forge it). Runs once per worker, from ``initialize``.
+    """
+    from ts.service import Service
+
+    build = Service.retrieve_data_for_inference
+    if getattr(build, REPEATED_NAMES, False):
+        return
+
+    def retrieve_data_for_inference(batch: list[dict[str, Any]]) -> Any:
+        processors, inputs, request_ids = build(batch)
+        for request, processor in zip(batch, processors, strict=True):
+            names = [parameter["name"] for parameter in request["parameters"]]
+            setattr(processor, REPEATED_NAMES, tuple(sorted({name for name in names if names.count(name) > 1})))
+        return processors, inputs, request_ids
+
+    setattr(retrieve_data_for_inference, REPEATED_NAMES, True)
+    Service.retrieve_data_for_inference = staticmethod(retrieve_data_for_inference)
 
 
 def attack_signal(reply: dict[str, Any]) -> bool:
@@ -37,8 +66,6 @@ def attack_signal(reply: dict[str, Any]) -> bool:
 
 class RuntimeHandler:
     """A TorchServe custom handler (``initialize`` / ``handle``) around a ``Runtime``."""
-
-    headers: ClassVar[dict[str, str]] = {}  # request header -> runtime parameter
 
     def __init__(self) -> None:
         self.runtime: Runtime | None = None
@@ -55,6 +82,7 @@ class RuntimeHandler:
             logger.error("robustserve: refusing to load model %s: %s", context.model_name, err)
             raise
         logger.info("robustserve: loaded %s", json.dumps(self.runtime.describe()))
+        _keep_repeated_names()
         from ts.metrics.metric_type_enum import MetricTypes
 
         self.counters = {name: context.metrics.add_metric_to_cache(name, unit="count",
@@ -63,15 +91,18 @@ class RuntimeHandler:
                          for name in (REQUESTS_METRIC, SIGNALS_METRIC)}
         self.initialized = True
 
-    def fields(self, request: dict[str, Any], index: int, context: Any) -> dict[str, Any]:
-        """One TorchServe request as runtime fields: its body / form / query fields plus mapped headers."""
+    def fields(self, request: dict[str, Any], index: int, context: Any) -> Fields:
+        """One TorchServe request as the runtime's ``Fields``."""
+        processor = context.request_processor[index]
+        # The worker keeps request headers and, under each parameter's own name, {"content-type": ...}.
+        properties = processor.get_request_properties()
         # /invocations routes by a model_name query parameter, which TorchServe passes on as a field.
-        fields = {name: value for name, value in request.items() if name not in TORCHSERVE_FIELDS}
-        for header, parameter in self.headers.items():
-            value = context.get_request_header(index, header)
-            if value is not None and parameter not in fields:
-                fields[parameter] = value
-        return fields
+        values = {name: value for name, value in request.items() if name not in TORCHSERVE_FIELDS}
+        return Fields(values=values,
+                      headers={name: value for name, value in properties.items() if isinstance(value, str)},
+                      content_types={name: properties[name].get("content-type", "") for name in values
+                                     if isinstance(properties.get(name), dict)},
+                      repeated=getattr(processor, REPEATED_NAMES, ()))
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
         assert self.runtime is not None
@@ -86,6 +117,8 @@ class RuntimeHandler:
             context.set_response_content_type(i, "application/json")
             if status != 200:
                 context.set_response_status(code=status, phrase=HTTPStatus(status).phrase, idx=i)
+            if 400 <= status < 500:  # one line per refused request; json.dumps keeps the client's text on it
+                logger.info("robustserve: refused %d %s", status, json.dumps(reply.get("error")))
             self.count(context, reply)
             replies.append(json.dumps(reply))
         return replies

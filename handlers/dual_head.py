@@ -7,5 +7,3 @@ class DualHeadHandler(RuntimeHandler):
     """``head`` comes as a JSON field, a query parameter (``/dhat/predict?head=both``,
     ``/invocations?model_name=dhat&head=both``), a form field or the ``X-Head`` header; ``both``
     also reports whether the two heads disagree."""
-
-    headers = {"X-Head": "head"}

@@ -6,5 +6,3 @@ from handlers.base import RuntimeHandler
 class KNNHandler(RuntimeHandler):
     """``k`` neighbours per request (also as the ``X-K`` header); replies carry the neighbours
     (training id, label, similarity) and the share of them that agree."""
-
-    headers = {"X-K": "k"}

@@ -18,6 +18,9 @@ Parts (one function each):
 5. ``ducat_recovery``: DUCAT's run-time recovery against its base PGD-AT model (same backbone).
 6. ``onnx_vs_eager``: bare forward throughput of each served mode in ONNX Runtime and in eager PyTorch.
 7. ``knn``: FAISS flat against IVF search over THAT's real memory bank and synthetic banks.
+8. ``proxy``: what the nginx proxy in front (``serving.proxy``: TLS, limits) adds to one endpoint's REST
+   latency, p50/p99 at 1 and 8 clients, the requests straight to TorchServe and through the proxy taken
+   in turns.
 
 Every time comes from ``_timed_calls`` (wall time of each call, ``time.perf_counter``, callables
 interleaved round-robin so that machine noise hits them alike) and ``percentiles``.
@@ -30,6 +33,7 @@ import functools
 import io
 import itertools
 import os
+import ssl
 import tempfile
 import threading
 import time
@@ -45,7 +49,7 @@ import torch
 
 from training.errors import ConfigError
 
-from . import server
+from . import proxy, server
 from .client import Client, ClientError
 
 # serving.bench registers bench_serve in its BENCHMARKS and re-exports it, so this module imports it lazily.
@@ -63,6 +67,11 @@ SERVED_AS = {"batch_size": BATCH_SIZE, "max_batch_delay_ms": MAX_BATCH_DELAY_MS,
 TEMP_PREFIX = "robustserve-bench-serve-"  # the temporary folder (model store, server state); tests look for it
 TARGETS = {"resnet18_e2e_over_forward": 1.3, "dhat_main_over_flop_prediction": 1.10, "ducat_over_base_infer": 1.05,
            "onnx_over_eager": 1.0, "knn_recall": 0.95, "knn_speedup": 10.0}
+PROXY_ENDPOINT = PLAIN  # the cheapest endpoint: the proxy's share of its latency is the largest
+PROXY_TURNS = 2  # direct, proxy, direct, proxy: machine noise hits both alike
+# The proxy as `serve start --proxy` runs it, but for its per-client rate limit: the benchmark's clients all come
+# from 127.0.0.1, and the figure wanted is the proxy's cost, not its throttling (limit_req still runs).
+BENCH_PROXY_LIMITS = {"rate_per_s": 100_000, "burst": 100_000, "connections_per_client": 64}
 QUICK = {"requests": 16, "repeats": 10, "knn_sizes": (20_000,), "knn_queries": 50, "nprobes": (1, 4, 4096),
          "resnet_images": (4, 2)}
 
@@ -117,6 +126,11 @@ DEFINITIONS = {
     "ducat_recovery.recovery_over_base_infer": "recovery_ms / base_infer_ms (the 2C head's own forward cost "
                                                "is not in it; infer_ratio has both)",
     "seconds.<step>": "wall time of each step of this benchmark (training, packaging, server start, ...)",
+    "proxy.c<N>_direct_p50_ms/_p99_ms": "REST latency of proxy.endpoint with N clients straight to TorchServe "
+                                        "(http://, a new connection per request)",
+    "proxy.c<N>_proxy_p50_ms/_p99_ms": "the same requests through the nginx proxy (https://, a new TLS "
+                                       "connection per request; nginx keeps its connections to TorchServe)",
+    "proxy.c<N>_added_p50_ms/_p99_ms": "proxy minus direct: the latency the proxy adds at that percentile",
     "onnx_vs_eager.<model/mode>.bN_*_img_s": "bare forward throughput at batch N: N / p50 of one call, ONNX "
                                              "Runtime (onnx) or the eager PyTorch module (eager); ratio: onnx / eager",
     "knn.<bank>.<index>.bN_ms_per_query": "FAISS search p50 for a batch of N queries / N, k neighbours",
@@ -199,11 +213,14 @@ def eval_images(run_dir: Path, n: int) -> tuple[torch.Tensor, list[bytes]]:
 
 def package_and_extract(run_dirs: Mapping[str, Path], store: Path, unpacked: Path) -> dict[str, Path]:
     """Archives of every served model of the runs in ``store``; returns model name -> its extracted folder."""
-    from serving.package import package_run
+    from serving.package import PackageSettings, package_run
 
+    # Every mode is measured, DUCAT's raw scores too: on this loopback server, the secret pairing they would
+    # reveal to a client is nobody's to protect.
+    settings = PackageSettings(raw_with_secret_pairing=True)
     folders = {}
     for run_dir in run_dirs.values():
-        for archive in package_run(run_dir, model_store=store):
+        for archive in package_run(run_dir, model_store=store, settings=settings):
             if archive.stem in folders:
                 raise ConfigError(f"two runs are served as model {archive.stem}")
             with zipfile.ZipFile(archive) as mar:
@@ -307,9 +324,9 @@ def send(client: Client, endpoint: Endpoint, body: bytes) -> Reply:
     return Reply(endpoint.label, start, time.perf_counter(), status, detail)
 
 
-def rest_load(url: str, token: str, endpoint: Endpoint, bodies: Sequence[bytes], clients: int,
-              requests: int) -> dict[str, float]:
-    """``requests`` POSTs spread over ``clients`` threads (each its own ``Client``); latency percentiles and req/s."""
+def load_replies(url: str, token: str, endpoint: Endpoint, bodies: Sequence[bytes], clients: int, requests: int,
+                 context: ssl.SSLContext | None = None) -> list[Reply]:
+    """``requests`` POSTs spread over ``clients`` threads (each its own ``Client``); every request must get a 200."""
     from .bench import BenchmarkError
 
     counts = [requests // clients + (i < requests % clients) for i in range(clients)]
@@ -317,7 +334,7 @@ def rest_load(url: str, token: str, endpoint: Endpoint, bodies: Sequence[bytes],
     barrier = threading.Barrier(clients)
 
     def worker(i: int) -> None:
-        client = Client(url, token=token)
+        client = Client(url, token=token, context=context)
         barrier.wait()
         for j in range(counts[i]):
             replies[i].append(send(client, endpoint, bodies[(i + j * clients) % len(bodies)]))
@@ -331,6 +348,13 @@ def rest_load(url: str, token: str, endpoint: Endpoint, bodies: Sequence[bytes],
     failed = [reply for reply in every if reply.status != 200]
     if failed:
         raise BenchmarkError(f"{endpoint.label}: {len(failed)} of {requests} requests failed, e.g. {failed[0].failure}")
+    return every
+
+
+def rest_load(url: str, token: str, endpoint: Endpoint, bodies: Sequence[bytes], clients: int,
+              requests: int) -> dict[str, float]:
+    """``load_replies``' latency percentiles and req/s."""
+    every = load_replies(url, token, endpoint, bodies, clients, requests)
     wall = max(r.end for r in every) - min(r.start for r in every)
     return {**percentiles([r.ms for r in every]), "req_s": requests / wall}
 
@@ -349,6 +373,30 @@ def bench_rest(url: str, token: str, points: Sequence[Endpoint], images: Mapping
             figures.update({f"c{n}_{key}": value for key, value in load.items()})
         results[endpoint.label] = figures
     return results
+
+
+# ---------------------------------------------------------------------------------------------- 8. the proxy
+
+
+def bench_proxy(url: str, front: proxy.ProxySettings, token: str, endpoint: Endpoint, bodies: Sequence[bytes],
+                clients: Sequence[int], requests: int) -> dict[str, Any]:
+    """Part 8: ``endpoint`` straight to TorchServe (``url``) and through the proxy ``front`` in front of it, per
+    client count: a warm-up for each, then ``PROXY_TURNS`` turns of ``requests / PROXY_TURNS`` each way."""
+    routes = {"direct": (url, None), "proxy": (front.address, proxy.client_context(front))}
+    figures: dict[str, Any] = {"endpoint": endpoint.label, "turns": PROXY_TURNS}
+    for n in clients:
+        times: dict[str, list[float]] = {route: [] for route in routes}
+        for route, (address, context) in routes.items():
+            load_replies(address, token, endpoint, bodies, n, max(20, 2 * n), context)
+        for _ in range(PROXY_TURNS):
+            for route, (address, context) in routes.items():
+                times[route] += [reply.ms for reply in load_replies(address, token, endpoint, bodies, n,
+                                                                    max(n, requests // PROXY_TURNS), context)]
+        for route, measured in times.items():
+            figures.update({f"c{n}_{route}_{key}": value for key, value in percentiles(measured).items()})
+        for key in ("p50_ms", "p99_ms"):
+            figures[f"c{n}_added_{key}"] = figures[f"c{n}_proxy_{key}"] - figures[f"c{n}_direct_{key}"]
+    return figures
 
 
 # ---------------------------------------------------------------------------------------------- 2. in-process
@@ -591,12 +639,19 @@ def targets(result: Mapping[str, Any]) -> dict[str, Any]:
     return found
 
 
+def _nginx_version() -> str:
+    import subprocess
+
+    done = subprocess.run([proxy.nginx_binary(), "-v"], capture_output=True, text=True, check=False)
+    return (done.stderr or done.stdout).strip().removeprefix("nginx version: ")
+
+
 def bench_serve(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path] | None = None,
                 model_store: str | Path | None = None, requests: int = 200, clients: Sequence[int] = (1, 8),
                 knn_sizes: Sequence[int] = (100_000, 1_280_000), repeats: int = 200, quick: bool = False,
                 resnet18: bool = True, nprobes: Sequence[int] = (8, 32, 128), knn_queries: int = 200,
                 knn_threads: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Serve the runs of pgd_at, dhat, ducat and that (``find_runs``) and measure parts 1-7 (module docstring).
+    """Serve the runs of pgd_at, dhat, ducat and that (``find_runs``) and measure parts 1-8 (module docstring).
 
     ``runs``: recipe -> run folder, instead of looking in ``runs_root``. ``model_store``: an empty
     folder to package the archives into and keep (default: a temporary one). ``requests``: REST
@@ -642,6 +697,12 @@ def bench_serve(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path
             clock("start server")
             rest = bench_rest(url, token, points, images, clients, requests)
             clock("rest")
+            [proxy_port] = server.free_ports(1)
+            front = proxy.ProxySettings(state_dir=tmp / "ts", upstream=url, port=proxy_port, **BENCH_PROXY_LIMITS)
+            with proxy.running(front):  # part 8
+                result["proxy"] = bench_proxy(url, front, token, next(p for p in points if p.label == PROXY_ENDPOINT),
+                                              images["fashion"], clients, requests)
+            clock("proxy")
 
         result["endpoints"] = {}
         for endpoint in points:  # part 2
@@ -674,7 +735,8 @@ def bench_serve(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path
     from .bench import environment
 
     result["settings"] = {"requests": requests, "clients": list(clients), "repeats": repeats, "quick": quick,
-                          **SERVED_AS, "onnxruntime": onnxruntime.__version__,
+                          **SERVED_AS, "proxy": {"nginx": _nginx_version(), **BENCH_PROXY_LIMITS},
+                          "onnxruntime": onnxruntime.__version__,
                           "onnxruntime_threads": f"ORT default (one per physical core: {psutil.cpu_count(False)})",
                           "knn_sizes": list(knn_sizes), "nprobes": list(nprobes), "knn_queries": knn_queries}
     result["seconds"] = seconds

@@ -375,6 +375,13 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-delay-ms", type=int, default=defaults.max_batch_delay_ms)
     p.add_argument("--verify-key", type=Path,
                    help="Ed25519 public key: start only if every archive is signed with it; turns the model API off")
+    p.add_argument("--proxy", action="store_true",
+                   help="start: put nginx in front (TLS, client timeouts, body-size and per-client rate limits); "
+                        "TorchServe stays on loopback and only the proxy's port is for clients (stop stops both)")
+    p.add_argument("--proxy-host", default="127.0.0.1", help="the proxy's bind address (default 127.0.0.1)")
+    p.add_argument("--proxy-port", type=int, default=8443)
+    p.add_argument("--tls-cert", type=Path, help="the proxy's certificate chain, PEM (default: self-signed at start)")
+    p.add_argument("--tls-key", type=Path, help="the private key of --tls-cert, PEM")
 
 
 def server_settings(args: argparse.Namespace):
@@ -391,17 +398,31 @@ def server_settings(args: argparse.Namespace):
 
 @command("serve", "start, stop or inspect TorchServe over model_store/ (loopback, token auth)", _configure_serve)
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serving import server
+    from serving import proxy, server
 
     settings = server_settings(args)
+    front = proxy.ProxySettings(state_dir=settings.state_dir, upstream=settings.inference_address, host=args.proxy_host,
+                                port=args.proxy_port, tls_cert=args.tls_cert, tls_key=args.tls_key)
     if args.action == "start":
+        if args.proxy:  # refuse before TorchServe starts
+            front.check()
+            proxy.nginx_binary()
         state = server.start(settings)
+        if args.proxy:
+            try:
+                proxy.start(front)
+            except BaseException:
+                server.stop(settings)
+                raise
     elif args.action == "stop":
-        print("stopped" if server.stop(settings) else "no server was running")
+        # The proxy first: it would answer 502 for a moment otherwise.
+        stopped = [name for name, was_running in (("proxy", proxy.stop(front)), ("TorchServe", server.stop(settings)))
+                   if was_running]
+        print(f"stopped {' and '.join(stopped)}" if stopped else "no server was running")
         return 0
     else:
         state = server.status(settings)
-    print(json.dumps(state.as_dict() if hasattr(state, "as_dict") else state, indent=2, default=str))
+    print(json.dumps({**state.as_dict(), "proxy": proxy.status(front)}, indent=2, default=str))
     return 0
 
 

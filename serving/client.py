@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import urllib.error
 import urllib.request
 from http import HTTPStatus
@@ -43,10 +44,15 @@ def image_payload(image: str | Path | bytes | np.ndarray | Any) -> dict[str, Any
 
 
 class Client:
-    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 60.0) -> None:
+    """``context``: the TLS context for an https:// url (e.g. ``serving.proxy.client_context``, which trusts the
+    proxy's self-signed certificate); None: Python's default, the system's certificate authorities."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 60.0,
+                 context: ssl.SSLContext | None = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.context = context
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 content_type: str = "application/json") -> tuple[int, bytes]:
@@ -56,7 +62,7 @@ class Client:
             headers["Authorization"] = f"Bearer {self.token}"
         call = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(call, timeout=self.timeout) as reply:
+            with urllib.request.urlopen(call, timeout=self.timeout, context=self.context) as reply:
                 return reply.status, reply.read()
         except urllib.error.HTTPError as err:
             return err.code, err.read()
@@ -119,7 +125,7 @@ def curl_examples(inference_address: str, key_file: Path, image: Path, models: l
         "dhat": f"curl -s -w '\\n' {auth} {png} '{url}/dhat/predict?head=both'\n"
                 f"curl -s -w '\\n' {auth} -H 'Content-Type: application/json' "
                 f"-d \"{{\\\"image\\\": \\\"$(base64 -w0 $IMG)\\\", \\\"head\\\": \\\"main\\\"}}\" {url}/predictions/dhat",
-        "ducat": f"curl -s -w '\\n' {auth} -H 'X-Mode: raw' {png} {url}/predictions/ducat",
+        "ducat": f"curl -s -w '\\n' {auth} -H 'X-Top-K: 3' {png} {url}/predictions/ducat",
         "that_knn": f"curl -s -w '\\n' {auth} {png} '{url}/invocations?model_name=that_knn&k=10'",
     }
     for model in models:

@@ -6,8 +6,9 @@ request.
 
 Accepted payloads
 -----------------
-* bytes: an encoded PNG or JPEG. No other format is tried, so that fewer of Pillow's parsers see untrusted
-  bytes. Bytes that start with ``{`` or ``[`` (after whitespace) are JSON text and decoded as below.
+* bytes: an encoded PNG or JPEG, told apart by its signature. No other format is tried, so that fewer of
+  Pillow's parsers see untrusted bytes; every chunk of a PNG has its CRC checked first (Pillow checks only
+  some). Bytes that start with ``{`` or ``[`` (after whitespace) are JSON text and decoded as below.
 * str: base64 of a PNG or JPEG (line breaks allowed), or a ``data:image/png;base64,...`` URL; or JSON text.
 * dict (a JSON object): exactly one of ``"image"`` (a str as above, without the JSON case) and ``"pixels"``
   (a pixel array as for list). Other keys are request options handled elsewhere and ignored here.
@@ -31,14 +32,22 @@ Images
 * Truncated files are refused: Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` keeps its default, False, and
   nothing in the server may turn it on (it would pad a truncated image with gray instead).
 
+JSON text
+---------
+``parse_json`` is the one JSON parser for requests. Before the parser sees a byte it refuses text longer than
+``InputSpec.max_json_bytes`` and text with more separators (commas) than a request can need: any JSON body
+holds at most ``max_json_values`` (the pixel array's limit) plus a few dozen values, and every value after the
+first needs a comma, so the parser never builds more objects than that. An object that repeats a key is refused.
+
 Status codes
 ------------
-* 400: malformed or mismatched input: empty, invalid JSON or base64, wrong field types, a corrupt or truncated
-  image, the wrong size, channels, shape or values.
-* 413: a limit exceeded: encoded bytes (raw, or after base64), JSON text, declared width x height (read from
-  the header before any pixel is decoded, so a decompression bomb costs nothing; Pillow's own
-  ``Image.MAX_IMAGE_PIXELS`` check applies too), number of values in a pixel array.
-* 415: an image that is neither PNG nor JPEG: raw bytes that are not JSON either, or the base64 of such bytes.
+* 400: malformed or mismatched input: empty, invalid JSON or base64, repeated JSON keys, wrong field types, a
+  corrupt or truncated PNG or JPEG (a bad chunk CRC included), the wrong size, channels, shape or values.
+* 413: a limit exceeded: encoded bytes (raw, or after base64), JSON text or its number of values, declared
+  width x height (read from the header before any pixel is decoded, so a decompression bomb costs nothing;
+  Pillow's own ``Image.MAX_IMAGE_PIXELS`` check applies too), number of values in a pixel array.
+* 415: an image that is neither PNG nor JPEG (by its signature): raw bytes that are not JSON either, or the
+  base64 of such bytes.
 """
 
 from __future__ import annotations
@@ -47,8 +56,10 @@ import base64
 import io
 import json
 import math
+import re
 import reprlib
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +70,10 @@ from PIL import Image
 from training.errors import ConfigError, RobustServeError
 
 IMAGE_FORMATS = ("PNG", "JPEG")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"  # SOI, then the first marker
+# Values a JSON body may hold beside a pixel array's: the object around it and the request's parameters.
+JSON_OTHER_VALUES = 64
 # Pillow modes whose values are indices or bits, and the mode they expand to (palette RGBA keeps transparency).
 _EXPANDED_MODES = {"1": "L", "P": "RGBA"}
 # Modes taken as they are, each with the value of white.
@@ -68,6 +83,8 @@ _ALPHA_MODES = ("LA", "RGBA")
 _IMAGE_FIELDS = {"image": (str, "a base64 string of a PNG or JPEG"),
                  "pixels": (list, "a nested list of numbers in [0, 1]")}
 _MAX_PIXEL_DIMS = 4  # the deepest accepted layout, [1, C, H, W]
+_JSON_START = re.compile(r"[ \t\r\n]*[{\[]")  # JSON's own whitespace, then an object or an array
+_JSON_START_BYTES = re.compile(_JSON_START.pattern.encode())
 
 
 class RequestError(RobustServeError, ValueError):
@@ -95,6 +112,20 @@ class InputSpec:
     max_pixels: int = 4096 * 4096
     max_json_values: int | None = None
 
+    @property
+    def max_json_bytes(self) -> int:
+        """The longest JSON body: room for a base64 image of max_bytes or a pretty-printed pixel array of
+        max_json_values, plus 64 KiB of other fields."""
+        assert self.max_json_values is not None  # set by __post_init__
+        return 4 * (self.max_bytes // 3 + 1) + 32 * self.max_json_values + 65536
+
+    @property
+    def max_json_separators(self) -> int:
+        """The most commas a JSON body may hold: one per value after the first, for a pixel array of
+        max_json_values and the values around it."""
+        assert self.max_json_values is not None
+        return self.max_json_values + JSON_OTHER_VALUES
+
     def __post_init__(self) -> None:
         shape = tuple(self.shape)
         if len(shape) != 3 or shape[0] not in (1, 3) or min(shape) < 1:
@@ -110,11 +141,10 @@ def decode_image(payload: bytes | bytearray | str | dict[str, Any] | list[Any], 
 
     Raises ``RequestError`` for every bad payload; the accepted forms and the rules are in the module docstring.
     """
-    if isinstance(payload, (bytes, bytearray)):
-        payload = bytes(payload)
-        return _decode_json(payload, spec) if _is_json_text(payload) else _decode_encoded(payload, spec)
+    if isinstance(payload, (bytes, bytearray)):  # no copy: a body may be as large as the frontend lets through
+        return _decode_json(payload, spec) if is_json_text(payload) else _decode_encoded(payload, spec)
     if isinstance(payload, str):
-        if _is_json_text(payload):
+        if is_json_text(payload):
             return _decode_json(payload, spec)
         return _decode_encoded(_decode_base64(payload, spec), spec)
     if isinstance(payload, dict):
@@ -128,21 +158,41 @@ def decode_image(payload: bytes | bytearray | str | dict[str, Any] | list[Any], 
 # Text: JSON, fields, base64
 
 
-def _is_json_text(text: str | bytes) -> bool:
-    # Neither base64 nor a PNG or JPEG signature can start with these, so the test is unambiguous.
-    return text.lstrip()[:1] in ("{", "[", b"{", b"[")
+def is_json_text(text: str | bytes | bytearray) -> bool:
+    # Neither base64 nor a PNG or JPEG signature can start with these, so the test is unambiguous. A match, not
+    # lstrip(), which would copy the whole body.
+    pattern = _JSON_START_BYTES if isinstance(text, bytes | bytearray) else _JSON_START
+    return pattern.match(text) is not None
 
 
-def _decode_json(text: str | bytes, spec: InputSpec) -> torch.Tensor:
-    # Room for a base64 image at max_bytes or a pretty-printed pixel array at max_json_values, plus other fields;
-    # bounds the parser's work before it starts.
-    limit = 4 * (spec.max_bytes // 3 + 1) + 32 * spec.max_json_values + 65536
-    _check_limit(len(text), limit, "the JSON body", "characters")
+def parse_json(text: str | bytes | bytearray, spec: InputSpec) -> Any:
+    """A request's JSON text, parsed only if its size and its number of values are within ``spec``'s limits
+    (413 otherwise) and refused (400) when it is not JSON or an object in it repeats a key."""
+    _check_limit(len(text), spec.max_json_bytes, "the JSON body", "bytes" if isinstance(text, bytes | bytearray)
+                 else "characters")
+    separators = text.count(b"," if isinstance(text, bytes | bytearray) else ",")
+    _check_limit(separators, spec.max_json_separators, "the JSON body", "commas (one per value after the first)")
     try:
-        value = json.loads(text)
+        return json.loads(text, object_pairs_hook=_object_without_repeated_keys)
+    except RequestError:  # a repeated key; a ValueError too, so it must not be caught as bad syntax below
+        raise
     except (ValueError, RecursionError) as error:  # bad syntax or UTF-8, over-long integers, absurd nesting
-        raise RequestError(f"invalid JSON: {error}") from None
-    return decode_image(value, spec)
+        raise RequestError(f"invalid JSON (it does not parse): {error}") from None
+
+
+def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing repeated keys: json keeps the last value of a repeated key silently."""
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        seen: set[str] = set()
+        repeated = sorted({key for key, _ in pairs if key in seen or seen.add(key)})  # type: ignore[func-returns-value]
+        raise RequestError(f"the JSON body gives {', '.join(map(reprlib.repr, repeated))} more than once; "
+                           "give each key once")
+    return found
+
+
+def _decode_json(text: str | bytes | bytearray, spec: InputSpec) -> torch.Tensor:
+    return decode_image(parse_json(text, spec), spec)
 
 
 def _decode_fields(fields: dict[str, Any], spec: InputSpec) -> torch.Tensor:
@@ -180,12 +230,15 @@ def _decode_base64(text: str, spec: InputSpec) -> bytes:
 # Encoded images
 
 
-def _decode_encoded(data: bytes, spec: InputSpec) -> torch.Tensor:
+def _decode_encoded(data: bytes | bytearray, spec: InputSpec) -> torch.Tensor:
     """An encoded PNG or JPEG as the model's tensor; limits and size are checked before any pixel is decoded."""
     if not data:
         raise RequestError("empty image: expected the bytes of a PNG or JPEG image, got 0 bytes")
     _check_limit(len(data), spec.max_bytes, "the encoded image", "bytes")
-    with _open(data) as image:
+    image_format = _image_format(data)
+    if image_format == "PNG":
+        _check_png_chunks(data)
+    with _open(data, image_format) as image:
         width, height = image.size
         _check_limit(width * height, spec.max_pixels, f"the {width}x{height} image", "pixels")
         if (height, width) != spec.shape[1:]:
@@ -196,27 +249,57 @@ def _decode_encoded(data: bytes, spec: InputSpec) -> torch.Tensor:
         # Bad data makes Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, struct.error...: no
         # documented list, and every one of them means the same here.
         except Exception as error:  # noqa: BLE001
-            raise RequestError(f"the {image.format} image is truncated or corrupt ({error})") from None
+            raise RequestError(f"the {image_format} image is truncated or corrupt ({error})") from None
         return _image_tensor(image, spec.shape[0])
 
 
-def _open(data: bytes) -> Image.Image:
-    """Read the header only (Pillow's open is lazy): format, mode and declared size."""
+def _image_format(data: bytes | bytearray) -> str:
+    """PNG or JPEG, from the file's signature: anything else is a 415, and a broken file of either a 400."""
+    if data.startswith(PNG_SIGNATURE):
+        return "PNG"
+    if data.startswith(JPEG_SIGNATURE):
+        return "JPEG"
+    raise RequestError(f"expected a PNG or JPEG image (or JSON), got {len(data)} bytes starting {bytes(data[:8])!r}",
+                       status=415)
+
+
+def _check_png_chunks(data: bytes | bytearray) -> None:
+    """Every chunk up to IEND is whole and matches its CRC. Pillow checks the CRC of the chunks before the pixels
+    but not of IDAT, so a PNG whose pixel data was changed in transit would decode to other pixels."""
+    view, offset = memoryview(data), len(PNG_SIGNATURE)
+    while True:
+        if offset + 12 > len(data):
+            raise RequestError(f"the PNG image is truncated or corrupt: it ends at byte {len(data)} before its "
+                               "IEND chunk")
+        length = int.from_bytes(view[offset:offset + 4], "big")
+        kind = bytes(view[offset + 4:offset + 8])
+        end = offset + 8 + length
+        if end + 4 > len(data):
+            raise RequestError(f"the PNG image is truncated or corrupt: its {kind!r} chunk of {length} bytes at "
+                               f"byte {offset} runs past the end of the file ({len(data)} bytes)")
+        if zlib.crc32(view[offset + 4:end]) != int.from_bytes(view[end:end + 4], "big"):
+            raise RequestError(f"the PNG image is truncated or corrupt: its {kind!r} chunk at byte {offset} does "
+                               "not match its CRC")
+        if kind == b"IEND":
+            return
+        offset = end + 4
+
+
+def _open(data: bytes | bytearray, image_format: str) -> Image.Image:
+    """Read the header only (Pillow's open is lazy): mode and declared size."""
     try:
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; make the warning an error so that no
         # bomb passes as a log line. catch_warnings swaps process-wide filters, which is safe here because
         # a TorchServe worker process handles one batch at a time.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except Image.UnidentifiedImageError:
-        raise RequestError(f"expected a PNG or JPEG image (or JSON), got {len(data)} bytes starting {data[:8]!r}",
-                           status=415) from None
+            return Image.open(io.BytesIO(data), formats=(image_format,))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise RequestError(f"the image declares too many pixels to decode ({error})", status=413) from None
-    # As for load(): a corrupt header raises whatever the parser trips on.
+    # The signature said PNG or JPEG, so whatever the parser trips on (UnidentifiedImageError included) is a
+    # broken file of a supported type.
     except Exception as error:  # noqa: BLE001
-        raise RequestError(f"the image header is truncated or corrupt ({error})") from None
+        raise RequestError(f"the {image_format} image header is truncated or corrupt ({error})") from None
 
 
 def _image_tensor(image: Image.Image, channels: int) -> torch.Tensor:

@@ -9,9 +9,12 @@ An archive holds, flat: ``defense.json``, ``best.safetensors`` (the eager module
 evaluation ``report.json``, ``export.json`` and the ONNX graph of each served mode, DUCAT's
 ``pairing.json``, THAT's ``memory_bank.safetensors`` and ``memory_bank.faiss``, ``served.json`` and
 ``MANIFEST.json`` with the SHA-256 of all of them,
-which the runtime checks before it loads anything. Batching and workers are deployment settings:
-``robustserve serve`` writes them into the TorchServe config (``serving.server``). The archive is built in a temporary folder and
-renamed into place, so ``model_store/`` never holds a half-written ``.mar``.
+which the runtime checks before it loads anything. A run with a secret DUCAT class pairing is served
+without its raw 2C scores (they reveal the pairing; ``PackageSettings.raw_with_secret_pairing``), and
+its archive, like its ``pairing.json``, is readable by its owner only. Batching and workers are
+deployment settings: ``robustserve serve`` writes them into the TorchServe config (``serving.server``).
+The archive is built in a temporary folder and renamed into place, so ``model_store/`` never holds a
+half-written ``.mar``.
 """
 
 from __future__ import annotations
@@ -28,17 +31,18 @@ from pathlib import Path
 from typing import Any
 
 from training.checkpoint import BEST, DEFENSE_JSON, CheckpointError, read_defense_json
-from training.dummy_classes import PAIRING_FILE
+from training.dummy_classes import PAIRING_FILE, read_pairing
 from training.errors import ConfigError, RobustServeError, cannot_write
 from training.evaluate import REPORT_JSON
 from training.export import EXPORT_DIR, EXPORT_JSON, current_export, export_run
 from training.knn import MEMORY_BANK, MemoryBank
 
 from .knn_index import FAISS_INDEX, INDEX_KINDS, build_index
-from .runtime import BACKENDS, SERVED_JSON, ServedInfo, write_manifest
+from .runtime import BACKENDS, SERVED_JSON, ServedInfo, withheld_modes, write_manifest
 from .signing import Ed25519PrivateKey, sign_archive, signature_path
 
 HANDLERS_DIR = Path(__file__).resolve().parent.parent / "handlers"
+PRIVATE = 0o600  # a secret pairing, and an archive holding one
 STORE_FIX = "choose another --model-store"  # the way out of a full or read-only model store
 
 
@@ -68,6 +72,10 @@ class PackageSettings:
     knn_index: str = "flat"  # flat (exact) or ivf
     nlist: int | None = None  # IVF cells (default ~4 sqrt(N))
     nprobe: int = 16
+    # Serve DUCAT's raw 2C scores (mode=raw) even when the run's class pairing is secret. The risk: a client that
+    # sends a few hundred queries can read the pairing off the raw scores (SECURITY.md), which undoes the secret.
+    # Off, the archive serves only the recovered mode and the runtime refuses mode=raw with a 403.
+    raw_with_secret_pairing: bool = False
 
     def check(self) -> None:
         if self.backend not in BACKENDS:
@@ -97,16 +105,24 @@ def _stage(run_dir: Path, served: ServedModel, export: dict[str, Any], settings:
     if missing:
         raise PackageError(f"{run_dir} has no serving mode(s) {', '.join(missing)} for model {served.name}; "
                            f"it has {', '.join(export['serving_modes'])}")
+    pairing = read_pairing(run_dir / PAIRING_FILE) if (run_dir / PAIRING_FILE).is_file() else None
+    withheld = withheld_modes({m: export["modes"][m]["postprocess"] for m in modes}, pairing,
+                              settings.raw_with_secret_pairing)
+    modes = tuple(m for m in modes if m not in withheld)
     files = [DEFENSE_JSON, BEST, REPORT_JSON, PAIRING_FILE]
     for name in files:
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, staging / name)
+    if pairing is not None:
+        os.chmod(staging / PAIRING_FILE, PRIVATE)
     export_record = {**export, "modes": {m: export["modes"][m] for m in modes}}
     (staging / EXPORT_JSON).write_text(json.dumps(export_record, indent=2) + "\n")
     for mode in modes:
         shutil.copy2(run_dir / EXPORT_DIR / export["modes"][mode]["onnx"], staging / export["modes"][mode]["onnx"])
     params = info["config"].get("params", {})
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"withheld_modes": withheld} if withheld else {}
+    if pairing is not None and settings.raw_with_secret_pairing:
+        extra["raw_with_secret_pairing"] = True
     if any(export["modes"][m]["postprocess"] == "knn" for m in modes):
         bank = MemoryBank.load(run_dir / MEMORY_BANK)
         shutil.copy2(run_dir / MEMORY_BANK, staging / MEMORY_BANK)
@@ -142,6 +158,8 @@ def _archive(served: ServedModel, staging: Path, settings: PackageSettings, mode
                 raise OSError(int(code.group(1)), os.strerror(int(code.group(1))))
             raise PackageError(f"torch-model-archiver failed for {served.name}: {last}")
         target = model_store / f"{served.name}.mar"
+        if (staging / PAIRING_FILE).is_file():  # private before it is in the store, never after
+            os.chmod(out / f"{served.name}.mar", PRIVATE)
         os.replace(out / f"{served.name}.mar", target)
         return target
     finally:

@@ -5,7 +5,8 @@ reply body per request (the fields of DESIGN.md's replies beyond model, version 
 
 * ``prediction``: ``{"index", "name"}``; ``top_k``: ``[{"index", "name", "probability"}]``,
 * ``signal``: the defense's attack signal, where it gives one (DUCAT: the prediction fell in a
-  dummy class; DH-AT ``both``: the heads disagree; kNN: the share of neighbours that agree),
+  dummy class, and nothing about which one; DH-AT ``both``: the heads disagree; kNN: the share of
+  neighbours that agree),
 * ``neighbours`` (kNN): ``[{"id", "label", "name", "similarity"}]``, most similar first.
 
 Each must predict what the mode's module predicts (``ServingMode.module``); the serving tests
@@ -105,7 +106,9 @@ def dual_head(outputs: np.ndarray, options: Sequence[RequestOptions], ctx: Model
 
 
 def _dummy_signal(raw_top: int, ctx: ModelContext) -> dict[str, Any]:
-    return {"dummy_class_hit": raw_top >= len(ctx.class_names), "raw_prediction": _class(raw_top, ctx.raw_class_names())}
+    # Only whether the raw argmax fell in a dummy class: which dummy it was, beside the recovered class, is one
+    # pair of a secret pairing per reply (issue 16).
+    return {"dummy_class_hit": raw_top >= len(ctx.class_names)}
 
 
 @postprocessor("recover_dummy_classes")
@@ -125,7 +128,8 @@ def recover(outputs: np.ndarray, options: Sequence[RequestOptions], ctx: ModelCo
 
 @postprocessor("raw_dummy_classes")
 def raw_dummy(outputs: np.ndarray, options: Sequence[RequestOptions], ctx: ModelContext) -> list[Reply]:
-    """DUCAT ``raw``: the 2C softmax as it is, with the same dummy-class signal."""
+    """DUCAT ``raw``: the 2C softmax as it is, with the same dummy-class signal. Not served for a secret pairing
+    unless the operator turned it on (``serving.runtime.withheld_modes``)."""
     names = ctx.raw_class_names()
     replies = []
     for p, o in zip(softmax(outputs), options, strict=True):

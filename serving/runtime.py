@@ -7,9 +7,11 @@ A served model lives in a folder (an extracted ``.mar``, see ``serving.package``
 artifacts (DUCAT's ``pairing.json``, THAT's memory bank and FAISS index).
 
 ``Runtime.handle`` takes one batch of requests, each a payload (image bytes, base64 JSON or a pixel
-array; ``serving.decode``) plus its options (from the JSON body, the query string or a form),
-and returns ``(status, reply)`` per request: bad requests get a 4xx with a message and do not
-disturb the others. Valid requests are grouped by mode and each group runs as one batch
+array; ``serving.decode``) plus its options (from the JSON body, the query string, a form or a
+``PARAMETER_HEADERS`` header), and returns ``(status, reply)`` per request: bad requests get a 4xx
+with a message and do not disturb the others. One rule on every route: a parameter the model does
+not take, a parameter given more than once (in two places, or twice in one) and a second image are
+refused with a 400 that names them. Valid requests are grouped by mode and each group runs as one batch
 through the backend (PyTorch eager or ONNX Runtime), then through the mode's post-processing
 (``serving.postprocess``). Another engine (Triton, KServe, Ray Serve) can mount this class as it is.
 """
@@ -26,10 +28,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from training.dummy_classes import ClassPairing
 from training.errors import RobustServeError
 from training.export import EXPORT_JSON, graph_outputs, onnx_session, sha256_file
 
-from .decode import InputSpec, RequestError, decode_image
+from .decode import InputSpec, RequestError, decode_image, is_json_text, parse_json
 from .knn_index import FaissMemoryBank
 from .postprocess import POSTPROCESSORS, ModelContext, Reply, RequestOptions
 
@@ -38,6 +41,17 @@ MANIFEST_JSON = "MANIFEST.json"
 BACKENDS = ("onnx", "torch")
 IMAGE_FIELDS = ("body", "data", "image", "file", "pixels")  # where a payload may arrive (JSON, form, raw)
 MAX_TOP_K = 1000
+# The request headers that carry a parameter, the same for every model: a model refuses the ones it does not
+# take, as it refuses the same names in the JSON body or the query string.
+PARAMETER_HEADERS = {"head": "X-Head", "mode": "X-Mode", "k": "X-K", "top_k": "X-Top-K"}
+HEADER_PARAMETERS = {header.lower(): parameter for parameter, header in PARAMETER_HEADERS.items()}
+MAX_OPTION_BYTES = 64  # a parameter value from the query string, a form field or a header; refused before decoding
+JSON_CONTENT_TYPES = ("application/json",)
+RAW_DUMMY_CLASSES = "raw_dummy_classes"  # the post-processing of DUCAT's raw 2C scores
+WITHHELD_RAW = ("the raw 2C scores of a model with a secret class pairing reveal the pairing to a client that "
+                "sends enough queries, so this server does not serve them")
+NO_IMAGE = ("no image in the request: send image bytes as the body, JSON {\"image\": <base64>} or "
+            "{\"pixels\": [...]}, or a form field named data")
 
 
 class ArchiveError(RobustServeError):
@@ -84,7 +98,19 @@ class ServedInfo:
 
     @classmethod
     def read(cls, folder: Path) -> ServedInfo:
-        data = json.loads((Path(folder) / SERVED_JSON).read_text())
+        return cls.parse((Path(folder) / SERVED_JSON).read_text())
+
+    @classmethod
+    def from_archive(cls, archive: Path) -> ServedInfo:
+        """The ``served.json`` inside a ``.mar``, without extracting anything else."""
+        import zipfile
+
+        with zipfile.ZipFile(archive) as mar:
+            return cls.parse(mar.read(SERVED_JSON).decode())
+
+    @classmethod
+    def parse(cls, text: str) -> ServedInfo:
+        data = json.loads(text)
         return cls(**{**data, "modes": tuple(data["modes"])})
 
 
@@ -133,6 +159,14 @@ def _text(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, bytes | bytearray) else value
 
 
+def _short_text(name: str, value: Any) -> Any:
+    """A parameter value from the query string, a form field or a header, refused by length before it is decoded."""
+    if isinstance(value, bytes | bytearray | str) and len(value) > MAX_OPTION_BYTES:
+        raise RequestError(f"the value of {reprlib.repr(name)} is {len(value)} characters long; parameter values "
+                           f"are at most {MAX_OPTION_BYTES}", status=413)
+    return _text(value)
+
+
 def _integer(name: str, value: Any, low: int, high: int) -> int:
     value = _text(value)
     text = value.strip() if isinstance(value, str) else ""
@@ -145,6 +179,37 @@ def _integer(name: str, value: Any, low: int, high: int) -> int:
     if not low <= number <= high:
         raise RequestError(f"{name} must be from {low} to {high}, got {number}")
     return number
+
+
+@dataclass(frozen=True)
+class Fields:
+    """One request as its transport delivered it.
+
+    ``values``: the body, form fields and query parameters by name (TorchServe's dict for one request).
+    ``headers``: the request headers (any case), of which only ``PARAMETER_HEADERS`` are read.
+    ``content_types``: a value's content type where the transport knows it (the body's ``Content-Type``).
+    ``repeated``: the names the transport saw more than once in the query string or form, whose values it
+    merged into one (TorchServe keeps the last).
+    """
+
+    values: Mapping[str, Any]
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content_types: Mapping[str, str] = field(default_factory=dict)
+    repeated: tuple[str, ...] = ()
+
+
+def _is_json_type(content_type: str | None) -> bool:
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media in JSON_CONTENT_TYPES or media.endswith("+json")
+
+
+def withheld_modes(postprocess: Mapping[str, str], pairing: ClassPairing | None,
+                   raw_with_secret_pairing: bool = False) -> dict[str, str]:
+    """The modes a model must not serve, each with the reason: DUCAT's raw scores when its class pairing is
+    secret, unless the operator turned them on (``PackageSettings.raw_with_secret_pairing``)."""
+    if pairing is None or pairing.is_identity or raw_with_secret_pairing:
+        return {}
+    return {mode: WITHHELD_RAW for mode, kind in postprocess.items() if kind == RAW_DUMMY_CLASSES}
 
 
 class Runtime:
@@ -171,8 +236,13 @@ class Runtime:
         pairing_path, bank = self.folder / PAIRING_FILE, None
         if "knn" in self.postprocess.values():
             bank = FaissMemoryBank.load(self.folder, self.served.knn_temperature)
-        self.context = ModelContext(tuple(spec.class_names), read_pairing(pairing_path) if pairing_path.is_file()
-                                    else None, bank)
+        pairing = read_pairing(pairing_path) if pairing_path.is_file() else None
+        self.context = ModelContext(tuple(spec.class_names), pairing, bank)
+        # The modes packaging left out, and any this archive lists that the rule withholds (an archive packaged
+        # before the rule): it holds here, where the model is served.
+        self.withheld = {**self.served.extra.get("withheld_modes", {}), **withheld_modes(
+            self.postprocess, pairing, bool(self.served.extra.get("raw_with_secret_pairing", False)))}
+        self.modes = tuple(mode for mode in self.served.modes if mode not in self.withheld)
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -185,39 +255,57 @@ class Runtime:
     def describe(self) -> dict[str, Any]:
         """What a client may ask this model (served on GET-like introspection and in the demo)."""
         return {"model": self.served.name, "version": self.served.version, "defense": self.served.defense,
-                "modes": list(self.served.modes), "mode_parameter": self.served.mode_parameter,
+                "modes": list(self.modes), "withheld_modes": dict(self.withheld),
+                "mode_parameter": self.served.mode_parameter,
                 "parameters": list(self.parameters), "backend": self.backend_name, "device": self.device,
                 "input_shape": list(self.input_spec.shape), "classes": list(self.context.class_names),
                 "knn": None if self.context.bank is None else {"bank_size": len(self.context.bank),
                                                                "default_k": self.served.knn_k,
                                                                "index_device": self.context.bank.device}}
 
-    def split(self, fields: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-        """One request's fields (TorchServe's dict: body, form fields, query parameters) -> (payload, options)."""
-        payloads = [name for name in IMAGE_FIELDS if fields.get(name) not in (None, b"", bytearray())]
-        options = {k: _text(v) for k, v in fields.items() if k not in IMAGE_FIELDS}
+    def split(self, fields: Mapping[str, Any] | Fields) -> tuple[Any, dict[str, Any]]:
+        """One request's fields -> (payload, options); a plain mapping is ``Fields(values=mapping)``.
+
+        Options come from the query string or form fields, the ``PARAMETER_HEADERS`` headers and the JSON
+        body's keys beside the image; each may be given once, in one place."""
+        request = fields if isinstance(fields, Fields) else Fields(fields)
+        if request.repeated:
+            raise RequestError(f"{', '.join(map(repr, request.repeated))} given more than once in the query string "
+                               "or form: send one image and each parameter once")
+        payloads = [name for name in IMAGE_FIELDS if request.values.get(name) not in (None, b"", bytearray())]
         if not payloads:
-            raise RequestError("no image in the request: send image bytes as the body, JSON {\"image\": <base64>} "
-                               "or {\"pixels\": [...]}, or a form field named data")
+            raise RequestError(NO_IMAGE)
         if len(payloads) > 1:
             raise RequestError(f"the request carries several images ({', '.join(payloads)}); send one")
-        payload = fields[payloads[0]]
-        # A JSON object arrives parsed when sent as application/json, as text when sent as text/plain, and as
-        # bytes otherwise (or when TorchServe's own parse failed): parse the last two here, so that its options
-        # are checked whatever the content type says.
-        if isinstance(payload, bytes | bytearray | str) and payload.lstrip()[:1] in (b"{", "{"):
-            try:
-                payload = json.loads(payload)
-            # ValueError: bad syntax or UTF-8, over-long integers; RecursionError: absurd nesting.
-            except (ValueError, RecursionError) as err:
-                raise RequestError(f"the body looks like JSON but does not parse: {err}") from err
+        places: dict[str, list[str]] = {}
+        options: dict[str, Any] = {}
+
+        def add(name: str, value: Any, place: str) -> None:
+            places.setdefault(name, []).append(place)
+            options[name] = value
+
+        for name, value in request.values.items():
+            if name not in IMAGE_FIELDS:
+                add(name, _short_text(name, value), "the query string or a form field")
+        for header, value in request.headers.items():
+            if header.lower() in HEADER_PARAMETERS:
+                add(HEADER_PARAMETERS[header.lower()], _short_text(header, value), f"the {header} header")
+        payload = request.values[payloads[0]]
+        # JSON arrives as bytes (the server leaves bodies undecoded), as text from in-process callers, or parsed.
+        # Parse it here, by the content type or by its first character, so that the limits apply before parsing
+        # and its options are checked whatever the content type says.
+        if isinstance(payload, bytes | bytearray | str) and (_is_json_type(request.content_types.get(payloads[0]))
+                                                             or is_json_text(payload)):
+            payload = parse_json(payload, self.input_spec)
+            if payload is None:
+                raise RequestError(NO_IMAGE)
         if isinstance(payload, dict):
             for key, value in payload.items():
-                if key in ("image", "pixels"):
-                    continue
-                if key in options and options[key] != value:
-                    raise RequestError(f"{key} is given twice with different values ({options[key]!r} and {value!r})")
-                options[key] = value
+                if key not in ("image", "pixels"):
+                    add(key, value, "the JSON body")
+        repeated = [f"{name} ({' and '.join(where)})" for name, where in places.items() if len(where) > 1]
+        if repeated:
+            raise RequestError(f"given more than once: {'; '.join(repeated)}. Give each parameter once")
         return payload, options
 
     def parse_options(self, options: Mapping[str, Any]) -> RequestOptions:
@@ -225,10 +313,13 @@ class Runtime:
         if unknown:
             raise RequestError(f"unknown parameter(s) {', '.join(unknown)} for model {self.served.name}; "
                                f"it takes: {', '.join(self.parameters)}")
-        mode = _text(options.get(self.served.mode_parameter, self.served.modes[0]))
-        if mode not in self.served.modes:
-            raise RequestError(f"{self.served.mode_parameter} must be one of {', '.join(self.served.modes)} for "
-                               f"model {self.served.name}, got {mode!r}")
+        mode = _text(options.get(self.served.mode_parameter, self.modes[0]))
+        if isinstance(mode, str) and mode in self.withheld:  # a JSON list or object is no mode, and unhashable
+            raise RequestError(f"{self.served.mode_parameter} {mode} is not served by model {self.served.name}: "
+                               f"{self.withheld[mode]}", status=403)
+        if mode not in self.modes:
+            raise RequestError(f"{self.served.mode_parameter} must be one of {', '.join(self.modes)} for "
+                               f"model {self.served.name}, got {reprlib.repr(mode)}")
         top_k = _integer("top_k", options.get("top_k", 5), 1, MAX_TOP_K)
         k = None
         if self.postprocess[mode] == "knn":
@@ -237,7 +328,7 @@ class Runtime:
             k = _integer("k", options.get("k", self.served.knn_k or 50), 1, limit)
         return RequestOptions(mode, top_k, k)
 
-    def parse(self, fields: Mapping[str, Any]) -> Request:
+    def parse(self, fields: Mapping[str, Any] | Fields) -> Request:
         payload, options = self.split(fields)
         parsed = self.parse_options(options)
         return Request(decode_image(payload, self.input_spec), parsed)
@@ -259,7 +350,7 @@ class Runtime:
                 replies[i] = {"model": self.served.name, "version": self.served.version, "mode": mode, **body}
         return replies  # type: ignore[return-value]
 
-    def handle(self, batch: Sequence[Mapping[str, Any]]) -> list[tuple[int, Reply]]:
+    def handle(self, batch: Sequence[Mapping[str, Any] | Fields]) -> list[tuple[int, Reply]]:
         """``(HTTP status, reply)`` per request of one batch; a bad request never fails the others."""
         results: list[tuple[int, Reply] | None] = [None] * len(batch)
         valid: list[tuple[int, Request]] = []

@@ -106,3 +106,17 @@ def served(served_store, tmp_path_factory):
                                      batch_size=8, max_batch_delay_ms=20, **free_server_ports())
     with server.running(settings):
         yield settings
+
+
+@pytest.fixture(scope="session")
+def served_proxy(served):
+    """nginx (``serving.proxy``) in front of ``served``, as ``robustserve serve start --proxy`` runs it: TLS with a
+    self-signed certificate, a 2 s client timeout, 5 requests per second and client in bursts of 10."""
+    from helpers import free_ports
+    from serving import proxy
+
+    [port] = free_ports(1)
+    settings = proxy.ProxySettings(state_dir=served.state_dir, upstream=served.inference_address, port=port,
+                                   client_timeout_s=2, rate_per_s=5, burst=10)
+    with proxy.running(settings):
+        yield settings

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import socket
+import ssl
 import struct
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +96,64 @@ def processes_started_from(fragment: str) -> list:
     for process in psutil.process_iter(["cmdline"]):
         if any(fragment in part for part in process.info["cmdline"] or ()):
             found.append(process)
+    return found
+
+
+@dataclass
+class TlsExchange:
+    """What a raw TLS client saw: everything the server sent back and, counted from its last byte sent, how long
+    until the first byte of a reply (None: none came) and until the server closed the connection."""
+
+    reply: bytes
+    seconds: float
+    first_byte_seconds: float | None
+
+    @property
+    def status(self) -> int | None:
+        """The HTTP status of the reply, or None when the server closed without one."""
+        line = self.reply.split(b"\r\n", 1)[0].split()
+        return int(line[1]) if len(line) > 1 and line[0].startswith(b"HTTP/") else None
+
+    @property
+    def body(self) -> bytes:
+        return self.reply.partition(b"\r\n\r\n")[2]
+
+
+def tls_exchange(host: str, port: int, context: ssl.SSLContext, sends: list[bytes], *, source: str | None = None,
+                 limit_s: float = 30) -> TlsExchange:
+    """Connect over TLS (from ``source`` address, a loopback one), send each chunk, then read until the server
+    closes the connection or ``limit_s`` passes (a bounded wait: then the exchange is what came so far)."""
+    raw = socket.create_connection((host, port), timeout=limit_s, source_address=(source, 0) if source else None)
+    with context.wrap_socket(raw, server_hostname="localhost") as connection:
+        for chunk in sends:
+            connection.sendall(chunk)
+        start, received, first = time.monotonic(), b"", None
+        try:
+            while time.monotonic() - start < limit_s:
+                data = connection.recv(65536)
+                if not data:
+                    break
+                first = time.monotonic() - start if first is None else first
+                received += data
+        except (TimeoutError, ConnectionResetError, ssl.SSLError):
+            pass
+        return TlsExchange(received, time.monotonic() - start, first)
+
+
+def listening_sockets(pid: int) -> set[tuple[str, int]]:
+    """(IPv4 address, port) of every socket the process ``pid`` and its descendants listen on. The JVM listens on
+    IPv6 sockets with IPv4-mapped addresses, given here as the IPv4 address they map."""
+    import ipaddress
+
+    import psutil
+
+    process = psutil.Process(pid)
+    found = set()
+    for member in (process, *process.children(recursive=True)):
+        for connection in member.net_connections("inet"):
+            if connection.status == psutil.CONN_LISTEN:
+                address = ipaddress.ip_address(connection.laddr.ip)
+                found.add((str(getattr(address, "ipv4_mapped", None) or address), connection.laddr.port))
     return found
 
 

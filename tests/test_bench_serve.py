@@ -43,7 +43,7 @@ def bench_folders() -> set[Path]:
 def result(served_runs):
     before = bench_folders()
     figures = bs.bench_serve(runs=served_runs, quick=True)
-    assert not bench_processes(), "a TorchServe process outlived the benchmark"
+    assert not bench_processes(), "a TorchServe or nginx process outlived the benchmark"
     assert bench_folders() <= before, "the temporary model store and server state were not removed"
     return figures
 
@@ -78,6 +78,17 @@ def test_every_endpoint_over_rest_and_its_overhead(result):
     assert modes == {"pgd_at": "default", "dhat head=main": "main", "dhat head=both": "both",
                      "ducat recovered": "recovered", "ducat mode=raw": "raw", "that": "classifier",
                      "that_knn k=50": "knn", "resnet18 (natural)": "default"}
+
+
+def test_the_latency_the_proxy_adds_at_1_and_8_clients(result):
+    figures = result["proxy"]
+    assert figures["endpoint"] == bs.PROXY_ENDPOINT and result["settings"]["proxy"]["nginx"]
+    for clients in (1, 8):
+        for route in ("direct", "proxy"):
+            assert 0 < figures[f"c{clients}_{route}_p50_ms"] <= figures[f"c{clients}_{route}_p99_ms"]
+        for key in ("p50_ms", "p99_ms"):
+            added = figures[f"c{clients}_proxy_{key}"] - figures[f"c{clients}_direct_{key}"]
+            assert figures[f"c{clients}_added_{key}"] == approx(added)
 
 
 def test_resnet18_ratio_is_its_endpoints(result):

@@ -62,6 +62,13 @@ def with_ihdr(data: bytes, fields: bytes) -> bytes:
     return data[:16] + fields + struct.pack(">I", zlib.crc32(b"IHDR" + fields)) + data[33:]
 
 
+def with_crc_flipped(data: bytes, kind: bytes) -> bytes:
+    """The PNG with its first ``kind`` chunk's CRC inverted (the chunk's data untouched)."""
+    start = data.index(kind) - 4
+    end = start + 8 + struct.unpack(">I", data[start:start + 4])[0]
+    return data[:end] + bytes(b ^ 0xFF for b in data[end:end + 4]) + data[end + 4:]
+
+
 def declaring(width: int, height: int) -> bytes:
     """A small valid PNG whose header declares width x height."""
     return with_ihdr(PNG, struct.pack(">II", width, height) + PNG[24:29])
@@ -221,7 +228,16 @@ REJECTED = {  # name: (payload, spec, status, message fragment)
     "data URL without base64": ("data:image/png,%89PNG", GRAY, 400, "expected a base64 data URL"),
     "base64 over max_bytes": (b64(bytes(1001)), SMALL_LIMITS, 413,
                               "the base64-decoded image has 1001 bytes, more than the limit of 1000"),
+    # Pillow checks no IDAT CRC (it decoded the changed pixels), and a bad IHDR CRC was "not a PNG" (415).
+    "PNG with a bad IDAT CRC": (with_crc_flipped(PNG, b"IDAT"), GRAY, 400, "b'IDAT' chunk at byte 33 does not match"),
+    "PNG with a bad IHDR CRC": (with_crc_flipped(PNG, b"IHDR"), GRAY, 400, "b'IHDR' chunk at byte 8 does not match"),
+    "PNG cut inside a chunk": (PNG[:PNG.index(b"IDAT") + 100], GRAY, 400, "runs past the end of the file"),
+    "PNG without IEND": (PNG[:PNG.index(b"IEND") - 4], GRAY, 400, "before its IEND chunk"),
+    "JPEG with a broken header": (JPEG[:4] + b"\x00" * 40, GRAY, 400, "the JPEG image header is truncated or corrupt"),
     "invalid JSON": (b'{"image": ', GRAY, 400, "invalid JSON"),
+    "JSON repeating a key": (b'{"pixels": [0.5], "pixels": [0.5]}', GRAY, 400, "gives 'pixels' more than once"),
+    "JSON with more values than a request holds": (b"[" + b"0," * (4 * 784 + 65) + b"0]", GRAY, 413,
+                                                  "the JSON body has 3201 commas"),
     "JSON nested past the recursion limit": (b"[" * 100_000, GRAY, 400, "invalid JSON"),
     "JSON over its limit": (json.dumps({"image": "A" * 200_000}), SMALL_LIMITS, 413, "the JSON body has 200013"),
     "NaN in JSON text": (json.dumps({"pixels": with_entry(math.nan)}).encode(), GRAY, 400, "pixels[3][5] is nan"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from PIL import Image
 from demo.app import Demo, build_app, state_dir_client
 from demo.attacks import ATTACK_SPECS, RestScores, attack_surface, grid_eps, quantise, square
 from demo.inputs import MAX_UPLOAD_BYTES, InputError, convert_drawing, convert_file
-from demo.rest import Answer, ask_all, comparison_html, percent, served_endpoints
+from demo.rest import Answer, Endpoint, ask_all, comparison_html, percent, served_endpoints, verdict
 from helpers import free_ports
 from serving import server
 from serving.client import Client, ClientError
@@ -78,14 +79,17 @@ def test_oversized_or_unreadable_uploads_are_refused_with_a_message(tmp_path):
         convert_file(wide)
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    with pytest.raises(InputError, match="not an image"):
+    with pytest.raises(InputError, match="not an image") as refused:
         convert_file(text)
+    # The upload lies in the server's temporary folder: the page names the file only.
+    assert str(tmp_path) not in str(refused.value) and "notes.png" in str(refused.value)
     truncated = tmp_path / "cut.png"
     buffer = io.BytesIO()
     shirt((300, 300), "RGB").save(buffer, format="PNG")
     truncated.write_bytes(buffer.getvalue()[:400])
-    with pytest.raises(InputError, match="could not be decoded"):
+    with pytest.raises(InputError, match="could not be decoded") as refused:
         convert_file(truncated)
+    assert str(tmp_path) not in str(refused.value)
 
 
 # ---------------------------------------------------------------------------------------------- quantisation
@@ -148,7 +152,7 @@ def test_the_comparison_table_shows_each_served_endpoints_reply_and_signal():
                                        **({"signal": disagree} if e.mode == "both" else {}))
               for e in endpoints}
     dummy = reply("ducat", "raw", [(11, "dummy of Trouser", 0.6), (1, "Trouser", 0.3)],
-                  signal={"dummy_class_hit": True, "raw_prediction": {"index": 11, "name": "dummy of Trouser"}})
+                  signal={"dummy_class_hit": True})
     client = CannedClient(canned, {"natural": ClientError(404, "Model not found: natural"),
                                    "pgd_at": ClientError(413, "the image is over 8 MiB")})
     answers = ask_all(client, b"png", endpoints)  # type: ignore[arg-type]
@@ -169,9 +173,26 @@ def test_the_comparison_table_shows_each_served_endpoints_reply_and_signal():
     assert 'class="attacked" data-model="dhat" data-mode="both"' in table
     assert "heads disagree: yes (main: Trouser, second: Bag)" in table
     ducat_raw = next(e for e in endpoints if e.label == "ducat · raw")
-    assert "dummy-class hit: yes (raw: dummy of Trouser)" in cells(table, ducat_raw)[1]
-    assert table.count(">fooled<") == 1 and table.count(">held<") == len(answers) - 2  # pgd_at refused: no verdict
+    assert "dummy-class hit: yes" in cells(table, ducat_raw)[1]
+    # No true class given (an upload): whether the answer changed; pgd_at was refused, so no verdict there.
+    assert table.count(">changed<") == 1 and table.count(">unchanged<") == len(answers) - 2
     assert "natural" not in table
+    assert comparison_html(answers, adversarial, dhat_both, truth=1).count(">fooled<") == 1  # Trouser, then a dummy
+
+
+def answer(index: int) -> Answer:
+    endpoint = Endpoint("pgd_at", "default", "mode", "pgd_at")
+    return Answer(endpoint, reply("pgd_at", "default", [(index, str(index), 1.0)]))
+
+
+@pytest.mark.parametrize(("before", "after", "truth", "said"), [
+    (1, 2, 1, "fooled"), (1, 1, 1, "held"), (3, 1, 1, "corrected"), (3, 3, 1, "wrong already"),
+    (3, 4, 1, "wrong already"), (1, 2, None, "changed"), (1, 1, None, "unchanged")])
+def test_the_verdict_judges_against_the_true_class_where_there_is_one(before, after, truth, said):
+    """An attack that turned a wrong answer into the right one was called "fooled", a wrong answer that stayed
+    wrong "held": with a test image's label the verdict is against it; an upload or a drawing has none."""
+    assert verdict(answer(before), answer(after), truth) == said
+    assert verdict(answer(before), Answer(answer(after).endpoint, None, "HTTP 400: no"), truth) is None
 
 
 def test_square_sends_at_most_its_budget_of_queries_and_returns_its_best_query():
@@ -210,7 +231,7 @@ def client(served):
 @pytest.mark.slow
 @pytest.mark.parametrize("attack, target", [("FGSM", "pgd_at · default"), ("PGD", "dhat · both"),
                                             ("DRA", "that · classifier"), ("APGD", "ducat · recovered"),
-                                            ("Square (black-box)", "ducat · raw")])
+                                            ("Square (black-box)", "trades · default")])
 def test_each_attack_stays_within_eps_and_changes_nothing_at_eps_0(attack, target, demo):
     source = demo.gallery_input(1)
     x = torch.from_numpy(source.unit)
@@ -222,8 +243,9 @@ def test_each_attack_stays_within_eps_and_changes_nothing_at_eps_0(attack, targe
         assert (delta.mean() if ATTACK_SPECS[attack].threat == "l1_mean" else delta.max()) <= grid_eps(eps) + 1e-6
         assert result.perturbation.shape == (28, 28) and result.perturbation.dtype == np.uint8
         assert calls and all(total in (None, ATTACK_SPECS[attack].expected_calls(5)) for _, total in calls)
-        if eps == 0:
-            assert result.adversarial_png == result.clean_png and "held" in result.summary
+        if eps == 0:  # a test image: judged against its class, and nothing changed
+            assert result.adversarial_png == result.clean_png
+            assert "**held**" in result.summary or "**wrong already**" in result.summary
     assert attack == "APGD" or delta.max() > 0  # the attack did perturb (APGD keeps x where it finds nothing)
 
 
@@ -242,14 +264,35 @@ def test_the_page_shows_what_rest_returns_for_the_adversarial_png(demo, client):
     for (image, caption), neighbour in zip(result.neighbours_adversarial, knn["neighbours"], strict=False):
         assert np.array_equal(image, demo.train_images[neighbour["id"]]) and caption.startswith(f"#{neighbour['id']} ")
     assert "attacked surface `module`" in result.summary and "aggregator" in result.summary
+    # DUCAT's secret pairing: the page names no dummy output and shows no raw prediction.
+    assert not re.search(r"dummy (of |\d)", result.table) and "raw:" not in result.table
+
+
+@pytest.mark.slow
+def test_the_demo_asks_only_the_models_and_modes_the_server_serves(demo, served):
+    """It asked mart, consistency_at, ... on every attack although they were not served (404s in TorchServe's
+    access log), and DUCAT's raw mode although a secret pairing's raw scores are refused."""
+    assert {e.label for e in demo.endpoints} == {
+        "dhat · main", "dhat · second", "dhat · both", "that · classifier", "that_knn · knn", "ducat · recovered",
+        "pgd_at · default", "trades · default"}
+    access_log = served.log_dir / "access_log.log"
+    start = access_log.stat().st_size
+    result = demo.attack(demo.gallery_input(2), "FGSM", "pgd_at · default", 0.1, 1)
+    assert len(result.clean) == len(result.adversarial) == len(demo.endpoints)
+    time.sleep(1)  # TorchServe writes its access log a moment after each reply
+    with open(access_log, "rb") as handle:
+        handle.seek(start)
+        asked = handle.read().decode(errors="replace").splitlines()
+    assert len([line for line in asked if "/predictions/" in line]) >= 2 * len(demo.endpoints)
+    assert not [line for line in asked if '" 404 ' in line or '" 403 ' in line]
 
 
 @pytest.mark.slow
 def test_white_box_attacks_use_the_adaptive_surface_where_the_mode_has_one(demo):
     surfaces = {label: attack_surface(demo.mode(demo.endpoint(label))).name
-                for label in ("dhat · both", "dhat · main", "ducat · recovered", "ducat · raw", "that_knn · knn")}
+                for label in ("dhat · both", "dhat · main", "ducat · recovered", "that_knn · knn")}
     assert surfaces == {"dhat · both": "module", "dhat · main": "module", "ducat · recovered": "merged",
-                        "ducat · raw": "module", "that_knn · knn": "soft_knn"}
+                        "that_knn · knn": "soft_knn"}
 
 
 @pytest.mark.slow

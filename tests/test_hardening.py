@@ -21,7 +21,14 @@ What TorchServe's frontend does on its own, found here and relied on:
   ``ModelVersionNotFoundException``);
 * a missing or wrong token: ``400`` with ``InvalidKeyException`` (TorchServe does not answer 401);
 * a GET (or PUT, DELETE) on ``/predictions/{model}`` reaches the handler like a POST: with no body it is
-  answered as an empty request.
+  answered as an empty request;
+* TorchServe's worker turns a request's query parameters and form fields into a dict, so a name given twice
+  keeps its last value; the handler learns the repeated names from its hook (``handlers.base``) and refuses.
+
+``PROXY_KINDS`` go through the nginx proxy in front of the same TorchServe (``served_proxy``): a client that
+sends its headers or body too slowly is cut off within the proxy's timeout, a body over its limit is refused
+from its Content-Length or as it streams, plain HTTP on its TLS port is refused, each with a JSON message
+from the proxy, and none of them reaches TorchServe (its access log never names their unique path).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import http.client
 import io
 import json
 import struct
+import time
+import uuid
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -48,7 +57,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from serving import server
+from helpers import tls_exchange
+from serving import proxy, server
 from serving.decode import InputSpec
 
 pytestmark = pytest.mark.slow
@@ -119,6 +129,27 @@ def corrupt_png() -> bytes:
     return GOOD[:first] + bytes(b ^ 0x5A for b in GOOD[first:last]) + GOOD[last:]
 
 
+def with_bad_crc(data: bytes, kind: bytes) -> bytes:
+    """The PNG with the CRC of its first ``kind`` chunk flipped; the chunk's data are untouched."""
+    start = data.index(kind) - 4
+    end = start + 8 + int.from_bytes(data[start:start + 4], "big")
+    return data[:end] + bytes(b ^ 0xFF for b in data[end:end + 4]) + data[end + 4:]
+
+
+@cache
+def json_bomb_by_size() -> bytes:
+    """A pixel array 1 MiB over the JSON body limit: parsed, it would cost the worker seconds and hundreds of MB."""
+    limit = InputSpec((1, SIZE, SIZE)).max_json_bytes
+    row = b"[" + b",".join([b"0.5"] * SIZE) + b"]"
+    rows = (limit + 2**20) // (len(row) + 1) + 1
+    return b'{"pixels": [' + b",".join([row] * rows) + b"]}"
+
+
+def json_bomb_by_values() -> bytes:
+    """300,000 values in 600 kB: under the byte limit, far over the values a request can hold."""
+    return b'{"pixels": [' + b",".join([b"0"] * 300_000) + b"]}"
+
+
 def colour_image() -> bytes:
     """RGB whose channels differ: real colour, which a grayscale model must refuse rather than guess at."""
     pixels = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
@@ -152,11 +183,11 @@ def pixels(value: Any = 0.5) -> list[list[Any]]:
     return [[value] * SIZE for _ in range(SIZE)]
 
 
-def form(fields: dict[str, bytes]) -> tuple[bytes, str]:
+def form(fields: dict[str, bytes] | list[tuple[str, bytes]]) -> tuple[bytes, str]:
     """A multipart/form-data body with ``fields`` (a field named data or image is sent as a file)."""
     boundary = "robustserve-hardening"
     parts = []
-    for name, value in fields.items():
+    for name, value in fields.items() if isinstance(fields, dict) else fields:
         filename = f'; filename="{name}.png"' if name in ("data", "image") else ""
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{filename}\r\n\r\n'.encode()
                      + value + b"\r\n")
@@ -177,6 +208,7 @@ class Case:
     message: str = ""  # must be in the reply's message (case-insensitive)
     method: str = "POST"
     auth: str = "inference"  # the key sent: "inference", "wrong" or "none"
+    headers: tuple[tuple[str, str], ...] = ()  # more request headers
 
 
 @dataclass(frozen=True)
@@ -198,6 +230,11 @@ class Model:
         """``k`` is a parameter of the kNN model only; every other model must call it unknown."""
         expected = message if self.name in KNN_MODELS else "unknown parameter(s) k"
         return Case(self.predictions, as_json({"image": b64(GOOD), "k": k}), message=expected)
+
+    @property
+    def foreign_header(self) -> tuple[str, str]:
+        """A parameter header this model does not take: X-K, or X-Head for the kNN model."""
+        return ("X-Head", "main") if self.name in KNN_MODELS else ("X-K", "5")
 
 
 # Built once: the large payloads are shared by the six models' requests.
@@ -222,9 +259,21 @@ KINDS: dict[str, Callable[[Model], Case]] = {
     "truncated_jpeg": lambda m: Case(m.predictions, jpeg(good_image())[:200], "image/jpeg",
                                      message="truncated or corrupt"),
     "corrupt_png": lambda m: Case(m.predictions, corrupt_png(), "image/png", message="truncated or corrupt"),
+    # Pillow never checks IDAT's CRC (the pixels decoded), and a bad IHDR CRC made its open fail as "unidentified".
+    "png_bad_idat_crc": lambda m: Case(m.predictions, with_bad_crc(GOOD, b"IDAT"), "image/png",
+                                       message="b'IDAT' chunk at byte 33 does not match its CRC"),
+    "png_bad_ihdr_crc": lambda m: Case(m.predictions, with_bad_crc(GOOD, b"IHDR"), "image/png",
+                                       message="b'IHDR' chunk at byte 8 does not match its CRC"),
     # -- too large: bytes, and pixels declared by the header (decompression bombs)
     "image_50_mib": lambda m: Case(m.predictions, IMAGE_50_MIB, "image/png", 413, TOO_LARGE),
     "base64_over_limit": lambda m: Case(m.predictions, OVER_LIMIT_BASE64, status=413, message=TOO_LARGE),
+    # Refused from their size before any parser runs (the worker used to json.loads them first).
+    "json_bomb_by_size": lambda m: Case(m.predictions, json_bomb_by_size(), status=413,
+                                        message=f"the JSON body has {len(json_bomb_by_size())} bytes, more than"),
+    "json_bomb_by_size_as_text": lambda m: Case(m.predictions, json_bomb_by_size(), "text/plain", 413,
+                                                "the JSON body has"),
+    "json_bomb_by_values": lambda m: Case(m.predictions, json_bomb_by_values(), status=413,
+                                          message="the JSON body has 299999 commas"),
     "bomb_declaring_10g_pixels": lambda m: Case(m.predictions, png_declaring(100_000, 100_000), "image/png", 413,
                                                 "too many pixels"),
     # Between Pillow's MAX_IMAGE_PIXELS and twice that Pillow only warns; the runtime makes the warning an error.
@@ -293,14 +342,29 @@ KINDS: dict[str, Callable[[Model], Case]] = {
     "k_zero": lambda m: m.k_case(0, "k must be from 1"),
     "k_over_the_bank": lambda m: m.k_case(m.bank + 1, f"k must be from 1 to {m.bank}"),
     "k_not_a_number": lambda m: m.k_case("ten", "k must be an integer"),
-    "option_given_twice": lambda m: Case(f"/{m.name}/predict?top_k=3", as_json({"image": b64(GOOD), "top_k": 4}),
-                                         message="given twice with different values"),
+    "option_in_query_and_json": lambda m: Case(f"/{m.name}/predict?top_k=3", as_json({"image": b64(GOOD), "top_k": 4}),
+                                               message="given more than once: top_k (the query string or a form "
+                                                       "field and the JSON body)"),
+    "option_in_query_and_header": lambda m: Case(f"/{m.name}/predict?top_k=3", GOOD, "image/png",
+                                                 headers=(("X-Top-K", "3"),),
+                                                 message="given more than once: top_k (the query string or a form "
+                                                         "field and the X-Top-K header)"),
+    "option_repeated_in_query": lambda m: Case(f"/invocations?model_name={m.name}&top_k=3&top_k=4", GOOD,
+                                               "image/png", message="'top_k' given more than once in the query"),
+    "option_repeated_in_json": lambda m: Case(m.predictions, f'{{"image": "{b64(GOOD)}", "top_k": 3, "top_k": 4}}'
+                                              .encode(), message="the JSON body gives 'top_k' more than once"),
+    "header_the_model_does_not_take": lambda m: Case(m.predictions, GOOD, "image/png", headers=(m.foreign_header,),
+                                                     message="unknown parameter(s)"),
+    "parameter_value_too_long": lambda m: Case(f"/{m.name}/predict?top_k={'1' * 100}", GOOD, "image/png", 413,
+                                               "is 100 characters long"),
     "unknown_mode_in_query": lambda m: Case(f"/invocations?model_name={m.name}&{m.mode_parameter}=bogus", GOOD,
                                             "image/png", message=f"{m.mode_parameter} must be one of"),
     # -- forms
     "form_without_data": lambda m: Case(m.predictions, *form({"top_k": b"3"}), message=NO_IMAGE),
     "form_with_two_images": lambda m: Case(m.predictions, *form({"data": GOOD, "image": GOOD}),
                                            message="several images"),
+    "form_with_two_data_fields": lambda m: Case(m.predictions, *form([("data", GOOD), ("data", png(Image.new(
+        "L", (SIZE, SIZE))))]), message="'data' given more than once in the query string or form"),
     "form_data_not_an_image": lambda m: Case(m.predictions, *form({"data": b"hello"}), status=415,
                                              message=NOT_PNG_OR_JPEG),
     # -- every inference route of the model, with the wrong method, version, model or key
@@ -340,7 +404,7 @@ class Answer:
 
 
 def send(address: str, case: Case, keys: dict[str, str]) -> Answer:
-    headers = {"Content-Type": case.content_type} if case.content_type else {}
+    headers = ({"Content-Type": case.content_type} if case.content_type else {}) | dict(case.headers)
     token = {"inference": keys["inference"], "wrong": "not-the-key", "none": None}[case.auth]
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -467,5 +531,90 @@ def test_a_body_over_the_frontend_limit_is_refused_before_any_worker_sees_it(ser
         reply = connection.getresponse()
         # TorchServe's own 413: no body, no content type. What the runtime's JSON 413 cannot cover.
         assert reply.status == 413 and reply.read() == b"" and reply.getheader("Content-Type") is None
+    finally:
+        connection.close()
+
+
+# ---------------------------------------------------------------------------------------------- through the proxy
+
+
+def proxy_request(path: str, token: str, headers: dict[str, str], body: bytes = b"") -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: localhost", f"Authorization: Bearer {token}",
+             *(f"{name}: {value}" for name, value in headers.items())]
+    return "\r\n".join(lines).encode() + b"\r\n\r\n" + body
+
+
+def torchserve_saw(served: server.ServerSettings, marker: str) -> bool:
+    return marker in (served.log_dir / "access_log.log").read_text(errors="replace")
+
+
+def wait_until_torchserve_saw(served: server.ServerSettings, marker: str, limit_s: float = 10) -> bool:
+    """TorchServe writes its access log a little after the reply; a forwarded request shows within seconds."""
+    deadline = time.monotonic() + limit_s
+    while not torchserve_saw(served, marker):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+# kind -> (what the client sends for a path and token, the status the proxy answers with or None when it only
+# closes the connection, a fragment of its JSON message, whether the client is cut off at the client timeout)
+PROXY_KINDS: dict[str, tuple[Callable[[str, str, proxy.ProxySettings], list[bytes]], int | None, str, bool]] = {
+    # A body promised and never sent: TorchServe alone held such a connection for good (issue 16). nginx closes
+    # a timed-out connection without a reply (its access log says 408).
+    "slow_body": (lambda path, token, s: [proxy_request(path, token, {"Content-Type": "image/png",
+                                                                      "Content-Length": "1000"}, GOOD[:10])],
+                  None, "", True),
+    "slow_headers": (lambda path, token, s: [f"POST {path} HTTP/1.1\r\nHost: localhost\r\n".encode()],
+                     None, "", True),
+    "body_over_the_limit_by_content_length": (
+        lambda path, token, s: [proxy_request(path, token, {"Content-Type": "image/png",
+                                                            "Content-Length": str(s.max_body_bytes + 1)})],
+        413, "larger than the limit of 12582912 bytes", False),
+    "chunked_body_over_the_limit": (
+        lambda path, token, s: [proxy_request(path, token, {"Content-Type": "application/json",
+                                                            "Transfer-Encoding": "chunked"}),
+                                f"{s.max_body_bytes + 1:x}\r\n".encode() + b"[" * (s.max_body_bytes + 1)
+                                + b"\r\n0\r\n\r\n"],
+        413, "larger than the limit", False),
+}
+
+
+@pytest.mark.parametrize("kind", PROXY_KINDS)
+def test_the_proxy_refuses_slow_and_oversized_requests_before_torchserve_sees_them(
+        kind: str, served: server.ServerSettings, served_proxy: proxy.ProxySettings, keys: dict[str, str]) -> None:
+    build, status, message, slow = PROXY_KINDS[kind]
+    marker = f"pgd_at-{kind}-{uuid.uuid4().hex}"  # a path only this request uses
+    exchange = tls_exchange(served_proxy.host, served_proxy.port, proxy.client_context(served_proxy),
+                            build(f"/predictions/{marker}", keys["inference"], served_proxy))
+    assert exchange.status == status, exchange.reply[:300]
+    if status is not None:
+        reply = json.loads(exchange.body)
+        assert reply["status"] == status and message in reply["error"]
+    timeout = served_proxy.client_timeout_s
+    if slow:  # cut off at the timeout, not before it and not long after (the test waits at most 30 s)
+        assert timeout - 0.5 <= exchange.seconds <= timeout + 2 and exchange.first_byte_seconds is None, exchange
+        if kind == "slow_body":  # the request line had arrived, so the proxy logs it, with its 408
+            logged = (served_proxy.log_dir / "access.log").read_text().splitlines()
+            assert any(marker in line and '" 408 ' in line for line in logged)
+    else:  # answered at once, from the headers (nginx then lingers a little for the body it refused)
+        assert exchange.first_byte_seconds is not None and exchange.first_byte_seconds < timeout, exchange
+    # The same path, sent whole, does reach TorchServe (a 404: no such model), so its absence above means something.
+    control = f"pgd_at-control-{uuid.uuid4().hex}"
+    sent = tls_exchange(served_proxy.host, served_proxy.port, proxy.client_context(served_proxy),
+                        [proxy_request(f"/predictions/{control}", keys["inference"],
+                                       {"Content-Type": "image/png", "Content-Length": str(len(GOOD)),
+                                        "Connection": "close"}, GOOD)])
+    assert sent.status == 404 and wait_until_torchserve_saw(served, control)
+    assert not torchserve_saw(served, marker)
+
+
+def test_plain_http_on_the_proxy_port_gets_a_json_400(served_proxy: proxy.ProxySettings) -> None:
+    connection = http.client.HTTPConnection(served_proxy.host, served_proxy.port, timeout=10)
+    try:
+        connection.request("POST", "/predictions/pgd_at", GOOD, {"Content-Type": "image/png"})
+        reply = connection.getresponse()
+        assert reply.status == 400 and "HTTPS only" in json.loads(reply.read())["error"]
     finally:
         connection.close()

@@ -2,16 +2,19 @@
 
 Every endpoint answers; DH-AT's head is honoured from a JSON field, a query parameter, a form field
 and a header, and each reply is what the local runtime computes; concurrent requests for different
-heads (dynamically batched together) are answered per request; DUCAT's raw scores and the kNN
-endpoint's k work; bad input gets a 4xx with a JSON message and the next request is served; a
-changed archive is refused; the Prometheus counters move.
+heads (dynamically batched together) are answered per request; DUCAT's secret class pairing does not
+leak to a client that queries it (its raw scores are refused) and the kNN endpoint's k works; bad input
+gets a 4xx with a JSON message, one line in the model log, and the next request is served; a changed
+archive is refused; the Prometheus counters move.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
+import time
 import urllib.parse
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +27,7 @@ from PIL import Image
 from serving import server
 from serving.client import Client, ClientError
 from serving.runtime import Runtime
+from training.dummy_classes import PAIRING_FILE, read_pairing
 from training.evaluate import load_test_subset
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -113,14 +117,57 @@ def test_concurrent_requests_mixing_heads_are_answered_per_request(served, clien
         assert reply == local_reply(local["dhat"], image, head=head)
 
 
-def test_ducat_recovered_and_raw_scores_with_the_signal(served, client, images, local):
+def test_ducat_recovered_replies_say_only_whether_a_dummy_class_was_hit(served, client, images, local):
     for image in images[:4]:
-        recovered = client.predict(image, model="ducat")
-        assert recovered == local_reply(local["ducat"], image)
-        assert set(recovered["signal"]) == {"dummy_class_hit", "raw_prediction"}
-        raw = client.predict(image, model="ducat", mode="raw", top_k=20)
-        assert raw == local_reply(local["ducat"], image, mode="raw", top_k=20)
-        assert len(raw["top_k"]) == 20 and sum(e["name"].startswith("dummy ") for e in raw["top_k"]) == 10
+        recovered = client.predict(image, model="ducat", top_k=10)
+        assert recovered == local_reply(local["ducat"], image, top_k=10)
+        assert set(recovered["signal"]) == {"dummy_class_hit"}
+        assert not any("dummy" in entry["name"] for entry in [recovered["prediction"], *recovered["top_k"]])
+    with pytest.raises(ClientError) as refused:  # the quick preset's pairing is secret: no raw scores
+        client.predict(images[0], model="ducat", mode="raw")
+    assert refused.value.status == 403 and "reveal the pairing" in refused.value.message
+
+
+DUMMY_NAME = re.compile(r"^dummy (?:of )?(.+)$")
+
+
+def harvest(reply: dict, classes: list[str], evidence: np.ndarray) -> None:
+    """What an attacker can read about the pairing from one reply: every output named as a dummy class, beside
+    the real class the same reply puts first. evidence[k, j] counts replies that tie real class k to dummy j."""
+    entries = [reply.get("prediction", {}), *reply.get("top_k", []), *(v for v in (reply.get("signal") or {}).values()
+                                                                       if isinstance(v, dict))]
+    real = [e for e in entries if e.get("name") in classes]
+    dummies = [e for e in entries if DUMMY_NAME.match(str(e.get("name", "")))]
+    if not real or not dummies:
+        return
+    k = classes.index(max(real, key=lambda e: e.get("probability", 2.0))["name"])  # the prediction, else the top
+    j = max(dummies, key=lambda e: e.get("probability", 2.0))["index"] - len(classes)
+    evidence[k, j] += 1
+
+
+def test_an_attacker_cannot_recover_the_secret_pairing_from_rest_replies(served, client, served_runs):
+    """The attacker of issue 16: 100 test images, each asked in every way the API offers (recovered with every
+    class score, raw with every output), at most 200 queries. Before the fix the raw scores gave all 10 pairs and
+    recovered replies one pair per dummy-class hit; now the replies tie no dummy output to a class at all, and a
+    guess from them matches the secret pairing no better than chance (4 or more right: 2% for a random guess)."""
+    pairing = read_pairing(served_runs["ducat"] / PAIRING_FILE)
+    assert not pairing.is_identity
+    info = json.loads((served_runs["ducat"] / "defense.json").read_text())
+    classes = list(info["classes"])
+    x, _, _ = load_test_subset(info, 100, None)
+    evidence, refused, queries = np.zeros((len(classes), len(classes))), 0, 0
+    for image in (png(pixels) for pixels in x):
+        for options in ({"top_k": 1000}, {"mode": "raw", "top_k": 1000}):
+            queries += 1
+            try:
+                harvest(client.predict(image, model="ducat", **options), classes, evidence)
+            except ClientError as err:
+                assert err.status == 403
+                refused += 1
+    guess = (evidence + np.random.default_rng(0).random(evidence.shape) * 1e-3).argmax(1)  # ties: at random
+    truth = np.array(pairing.dummy_of) - len(classes)
+    assert (guess == truth).sum() <= 3 and evidence.sum() == 0, (evidence, guess, truth)
+    assert queries == 200 and refused == 100  # every raw query refused
 
 
 @pytest.mark.parametrize("k", [1, 5, 50])
@@ -176,6 +223,26 @@ def test_bad_input_gets_a_4xx_json_message_and_the_next_request_is_served(model,
     assert client.predict(images[0], model=model)["prediction"]["name"]
 
 
+def test_each_refused_request_is_one_line_in_the_model_log(served, client):
+    """Malformed JSON used to write TorchServe's multi-line traceback ("Failed json decoding") per request."""
+    log = served.log_dir / "model_log.log"
+    start = log.stat().st_size
+    for body in (b'{"image": ', b'{"pixels": [[0.5, ]]}', b'{"top_k": 3,,}'):
+        status, _ = client.request("POST", "/predictions/pgd_at", body)
+        assert status == 400
+    deadline = time.monotonic() + 10
+    while True:  # the frontend copies the worker's output into the log a moment after the reply
+        with open(log, "rb") as handle:
+            handle.seek(start)
+            added = handle.read().decode(errors="replace").splitlines()
+        refused = [line for line in added if "robustserve: refused 400" in line]
+        if len(refused) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(refused) == 3 and all("invalid JSON" in line for line in refused)
+    assert not [line for line in added if "Traceback" in line or "Failed json decoding" in line]
+
+
 def test_json_pixel_arrays_with_nan_get_a_400(served, client):
     status, body = client.request("POST", "/predictions/pgd_at", json.dumps({"pixels": [[0.5] * 28] * 27 + [
         [float("nan")] * 28]}).encode())
@@ -226,3 +293,5 @@ def test_predict_command_prints_the_reply(served, images, local, tmp_path, capsy
     assert len(json.loads(capsys.readouterr().out)["neighbours"]) == 3
     assert main(["predict", str(image), "--model", "dhat", "--mode", "raw", *common]) == 2
     assert "unknown parameter(s) mode" in capsys.readouterr().err
+    assert main(["predict", str(image), "--model", "ducat", "--mode", "raw", *common]) == 2
+    assert "HTTP 403" in capsys.readouterr().err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import shutil
 import socket
@@ -19,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import free_server_ports
+from helpers import free_server_ports, listening_sockets
 
 from serving.server import ServerError, ServerSettings, read_keys, start, status, stop
 
@@ -42,7 +41,7 @@ class Echo:
     def handle(self, data, context):
         replies = []
         for i, row in enumerate(data):
-            body = row["body"]  # text/plain bodies arrive decoded, as str
+            body = row["body"].decode()  # every body arrives undecoded (decode_input_request=false), JSON too
             outcome = "bad" if "bad" in body else "ok"
             if outcome == "bad":
                 context.set_response_status(400, "Bad Request", idx=i)
@@ -120,6 +119,17 @@ def test_inference_needs_the_inference_token(server, settings, keys):
     assert code == 200 and json.loads(text) == {"echo": "hello", "python": sys.executable}
 
 
+def test_json_bodies_reach_the_handler_as_the_bytes_sent(server, settings, keys):
+    """TorchServe's worker would json.loads an application/json body before the handler could check its size
+    (and log a traceback when it does not parse): the runtime parses JSON itself, after its limits."""
+    assert "decode_input_request=false" in settings.config_file.read_text().splitlines()
+    request = urllib.request.Request(f"{settings.inference_address}/predictions/echo", data=b'{"a": [1, 2]}',
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {keys['inference']}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert json.loads(response.read())["echo"] == '{"a": [1, 2]}'  # a decoded body would have failed .decode()
+
+
 def test_each_request_of_a_batch_gets_its_own_status(server, settings, keys):
     bodies = [f"{kind} {i}".encode() for i, kind in enumerate(["ok", "bad", "ok", "bad"])]
     url = f"{settings.inference_address}/predictions/echo"
@@ -155,13 +165,9 @@ def test_models_register_only_from_the_model_store(server, settings, keys, tmp_p
 
 
 def test_every_listening_socket_is_on_loopback(server, settings):
-    frontend = psutil.Process(server.pid)
-    listening = [c.laddr for p in (frontend, *frontend.children(recursive=True))
-                 for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    listening = listening_sockets(server.pid)
     assert {port for _, port in listening} == set(settings.ports.values())
-    for ip, _ in listening:  # the JVM listens on IPv6 sockets, with IPv4-mapped addresses
-        address = ipaddress.ip_address(ip)
-        assert str(getattr(address, "ipv4_mapped", None) or address) == "127.0.0.1"
+    assert {ip for ip, _ in listening} == {"127.0.0.1"}
 
 
 def test_metrics_are_prometheus_text_with_the_handlers_counter(server, settings, keys):

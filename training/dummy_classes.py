@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, write_json
 from .losses import jensen_shannon, kl_clean_to_adv
 
 PAIRING_FILE = "pairing.json"  # in a DUCAT run folder: {"dummy_of": ClassPairing.to_list()}
@@ -81,6 +81,12 @@ class ClassPairing:
         for k, dummy in enumerate(self.dummy_of):
             real_of[dummy] = k
         return torch.tensor(real_of, dtype=torch.long, device=device)
+
+
+def write_pairing(path: Path, pairing: ClassPairing) -> None:
+    """Store ``pairing`` at ``path`` (a ``PAIRING_FILE``) atomically and readable by its owner only: a secret
+    pairing is part of the defense, and anyone who reads it can attack the recovered scores directly."""
+    write_json(Path(path), {"dummy_of": pairing.to_list()}, mode=0o600)
 
 
 def read_pairing(path: Path) -> ClassPairing:

@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, write_json
+from ..checkpoint import CheckpointError
 from ..config import TrainConfig
 from ..data import DatasetSpec
 from ..dummy_classes import (PAIRING_FILE, ClassPairing, MergedClassScores, RecoveredScores, ducat_consistency_loss,
-                             ducat_loss, ducat_mart_loss, ducat_trades_loss, read_pairing, recovered_scores)
+                             ducat_loss, ducat_mart_loss, ducat_trades_loss, read_pairing, recovered_scores,
+                             write_pairing)
 from ..errors import ConfigError
 from ..models import StagedNet
 from .base import ServingMode, SingleStageRecipe, StepContext, get_method, register_recipe
@@ -220,4 +221,4 @@ class DUCAT(SingleStageRecipe):
 
     def finish(self, model: nn.Module, run_dir: Path, train_set: Any, spec: DatasetSpec, config: TrainConfig) -> None:
         """Store the class pairing beside the weights, outside the network graph."""
-        write_json(Path(run_dir) / PAIRING_FILE, {"dummy_of": trained_pairing(model).to_list()})
+        write_pairing(Path(run_dir) / PAIRING_FILE, trained_pairing(model))  # owner-only: the pairing is a secret
