@@ -10,6 +10,7 @@ every refusal (bad input, TorchServe down) into a message in the page. ``robusts
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -197,10 +198,20 @@ class Demo:
                    + (f", {steps} steps" if spec.takes_steps else "") + f"; {how}.")
         truth = self.class_names.index(source.label) if source.label in self.class_names else None
         summary = "\n\n".join([setting, _verdict(endpoint, attacked, after, truth, self.class_names),
-                                _norms(perturbation_norms(x, x_adv), gain)])
+                                _norms(perturbation_norms(x, x_adv), gain), self.measured(endpoint)])
         return AttackResult(clean_png, adversarial_png, perturbation, summary,
                             comparison_html(clean, adversarial, endpoint, truth), self._neighbours(clean),
                             self._neighbours(adversarial), clean, adversarial)
+
+    def measured(self, endpoint: Endpoint) -> str:
+        """What the evaluation of the endpoint's run measured, with intervals: one image says little."""
+        from training.evaluate import REPORT_JSON, measured_robustness
+
+        report = self.run_dirs.get(endpoint.recipe, Path("-")) / REPORT_JSON
+        if not report.is_file():
+            return f"{endpoint.label} has no evaluation report (`robustserve eval` writes one)."
+        return (f"Measured on the test set for {endpoint.label} (`{report}`): "
+                f"{measured_robustness(json.loads(report.read_text()), endpoint.mode)}.")
 
     def _neighbours(self, answers: list[Answer]) -> list[tuple[np.ndarray, str]]:
         """The kNN endpoint's nearest training images, when it is served and answered."""

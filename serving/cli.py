@@ -208,7 +208,7 @@ def recipe_list(text: str) -> list[str]:
 def _configure_run(p: argparse.ArgumentParser) -> None:
     # The five defenses, each after the baseline it starts from or is compared with in its paper. MART and
     # Consistency-AT are bases only on request (DUCAT and DH-AT accept them), so they stay out of the
-    # default and keep `make run` within its ten minutes on two cores; `--recipes all` adds them.
+    # default and keep `make run` shorter on two cores; `--recipes all` adds them.
     p.add_argument("--recipes", default="natural,aft_dra,pgd_at,ducat,act,that,trades,dhat",
                    help="comma-separated recipes to train (finished runs and stages are reused) and evaluate, "
                         "or `all` for every registered recipe")

@@ -7,6 +7,7 @@ TorchServe serving the tiny runs of ``served_runs`` (started once for the module
 from __future__ import annotations
 
 import io
+import json
 import re
 import time
 
@@ -23,6 +24,7 @@ from helpers import free_ports
 from serving import server
 from serving.client import Client, ClientError
 from training.errors import RobustServeError
+from training.evaluate import REPORT_JSON, measured_robustness
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -264,6 +266,11 @@ def test_the_page_shows_what_rest_returns_for_the_adversarial_png(demo, client):
     for (image, caption), neighbour in zip(result.neighbours_adversarial, knn["neighbours"], strict=False):
         assert np.array_equal(image, demo.train_images[neighbour["id"]]) and caption.startswith(f"#{neighbour['id']} ")
     assert "attacked surface `module`" in result.summary and "aggregator" in result.summary
+    # One image says little: the summary also gives what the run's evaluation measured, with intervals.
+    report = json.loads((demo.run_dirs["dhat"] / REPORT_JSON).read_text())
+    assert measured_robustness(report, "both") in result.summary
+    assert re.search(r"worst case per image over \d+ attacks at eps 0.1 \d+\.\d \[\d+\.\d, \d+\.\d\] n=10",
+                     result.summary)
     # DUCAT's secret pairing: the page names no dummy output and shows no raw prediction.
     assert not re.search(r"dummy (of |\d)", result.table) and "raw:" not in result.table
 

@@ -68,17 +68,28 @@ def test_identical_models_show_no_difference() -> None:
     assert diff.difference == 0.0 and diff.low < 0 < diff.high and diff.mcnemar_p == 1.0
     assert diff.verdict == "no detectable difference"
     assert verdict(0.01, 0.2) == "better" and verdict(-0.2, -0.01) == "worse" and verdict(-0.1, 0.1).startswith("no")
+    assert verdict(0.01, 0.2, p_value=0.2).startswith("no")  # the exact test must agree as well
 
 
 def test_pairing_narrows_the_interval() -> None:
-    # Two models that disagree on 4 of 400 images, all in A's favour: the paired interval excludes 0,
-    # though two independent samples with these accuracies (0.51 vs 0.50) could not be told apart.
-    a = [True] * 200 + [True] * 4 + [False] * 196
-    b = [True] * 200 + [False] * 4 + [False] * 196
+    # Two models that disagree on 12 of 400 images, all in A's favour (McNemar p = 2 / 2^12): the paired
+    # comparison calls it, though two independent samples with these accuracies (0.53 vs 0.50) could not
+    # be told apart.
+    a = [True] * 200 + [True] * 12 + [False] * 188
+    b = [True] * 200 + [False] * 12 + [False] * 188
     diff = paired_difference(a, b)
-    assert diff.verdict == "better"
-    independent = wilson_interval(204, 400)[0] - wilson_interval(200, 400)[1]
+    assert diff.verdict == "better" and diff.mcnemar_p == pytest.approx(2 / 4096)
+    independent = wilson_interval(212, 400)[0] - wilson_interval(200, 400)[1]
     assert independent < 0 < diff.low
+
+
+def test_a_difference_the_exact_test_does_not_support_is_not_called() -> None:
+    # 4 to 0 discordant images of 200: Newcombe's interval just excludes zero, McNemar's p is 0.125.
+    a = [True] * 100 + [True] * 4 + [False] * 96
+    b = [True] * 100 + [False] * 4 + [False] * 96
+    diff = paired_difference(a, b)
+    assert diff.low > 0 and diff.mcnemar_p == pytest.approx(0.125)
+    assert diff.verdict == "no detectable difference"
 
 
 def test_paired_difference_rejects_unpaired_input() -> None:

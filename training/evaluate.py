@@ -19,8 +19,8 @@ for every serving mode of the defense (``Recipe.modes``) runs:
 Each mode's **worst case** is per image: an image counts as robust only if every attack that ran
 on it failed, on the images all attacks ran on (every subset is a prefix of the same seeded
 permutation, so per-image results line up). A mode whose black-box or transfer figure is below
-its white-box worst case beyond the paired 95% interval is marked **unreliable (gradient masking
-suspected)**, the way RobustBench flags entries. Every accuracy carries its n and Wilson interval
+its white-box worst case beyond chance (paired interval and exact test, ``training.stats``) is
+marked **unreliable (gradient masking suspected)**, the way RobustBench flags entries. Every accuracy carries its n and Wilson interval
 (``training.stats``).
 
 A finished attack row is stored in ``eval_rows/`` under a key of the weights, the mode, the attack
@@ -331,7 +331,7 @@ def reliability(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             common = min(row["n"], white_union.numel())
             diff = paired_difference(row_flags(row)[:common].tolist(), white_union[:common].tolist())
             checks.append({"attack": row["attack"], "label": row["label"], **diff.to_json()})
-    unreliable = [c for c in checks if c["ci95"][1] < 0]
+    unreliable = [c for c in checks if c["verdict"] == "worse"]
     return {"unreliable": bool(unreliable), "checks": checks,
             "evidence": [f"{c['label']} is below the white-box worst case by "
                          f"{format_difference(paired_difference_from(c), with_verdict=False)} points" for c in unreliable]}
@@ -652,6 +652,17 @@ def compare_with_base(report: dict[str, Any], mode: str, base: dict[str, Any] | 
     return cells[0], cells[1]
 
 
+def measured_robustness(report: dict[str, Any], mode: str) -> str:
+    """One sentence on what the evaluation measured for ``mode``: its clean accuracy and per-image worst case,
+    each with its interval and n (for the demo's summary)."""
+    clean, worst = _row(report, mode, CLEAN), report["worst_case"].get(mode)
+    if clean is None or worst is None:
+        return f"`{mode}` has no evaluation in this report"
+    flag = f"; **{UNRELIABLE}**" if worst["reliability"]["unreliable"] else ""
+    return (f"clean {figure(clean)}, worst case per image over {len(worst['attacks'])} attacks at eps "
+            f"{worst['eps']:g} {figure(worst)} (preset {report['run']['preset']}){flag}")
+
+
 def _row(report: dict[str, Any], mode: str, attack: str) -> dict[str, Any] | None:
     return next((r for r in report["results"] if r["mode"] == mode and r["attack"] == attack), None)
 
@@ -676,9 +687,9 @@ def results_header(reports: Sequence[dict[str, Any]]) -> str:
             f"classifier head, soft kNN votes and feature-space pull), and by transfer from the run a defense starts "
             f"from (ACT: from its natural model F). Every figure is % with its 95% Wilson interval and n. *Worst case "
             f"per image*: an image counts as robust only if every attack failed on it. *vs base*: the paired "
-            f"difference (95% Newcombe interval) with the run the defense starts from or its paper compares with, "
-            f"and the verdict it allows. *Unreliable*: a black-box or transfer attack beat the white-box worst case "
-            f"beyond the interval. Train time includes the base run. Each run's `report.md` has every attack.")
+            f"difference (95% Newcombe interval) with the run the defense starts from or its paper compares with; "
+            f"better or worse only when the interval excludes zero and the exact McNemar test agrees (p < 0.05). *Unreliable*: a black-box or transfer attack beat the white-box worst case "
+            f"beyond chance (the same paired test). Train time includes the base run. Each run's `report.md` has every attack.")
     return text + ("\n\n" + PIPELINE_CHECK if presets == {"quick"} else "")
 
 

@@ -11,7 +11,10 @@ decide comparisons from data:
   the exact McNemar test (a two-sided binomial test on the discordant images). Pairing matters:
   two models that agree on most images differ far less by chance than two independent samples.
 
-``verdict`` turns a paired interval into "better", "worse" or "no detectable difference".
+``verdict`` turns a paired comparison into "better", "worse" or "no detectable difference": it
+says better or worse only when the interval excludes zero *and* the exact McNemar test rejects
+equality at 5%. With few discordant images Newcombe's interval can just exclude zero while the
+exact test does not (4 to 0 discordant images: p = 0.125); such a difference is not called.
 """
 
 from __future__ import annotations
@@ -76,18 +79,19 @@ class PairedDifference:
 
     @property
     def verdict(self) -> str:
-        return verdict(self.low, self.high)
+        return verdict(self.low, self.high, self.mcnemar_p)
 
     def to_json(self) -> dict[str, float | int | str | list[float]]:
         return {"difference": self.difference, "ci95": [self.low, self.high], "n": self.n, "only_a": self.only_a,
                 "only_b": self.only_b, "mcnemar_p": self.mcnemar_p, "verdict": self.verdict}
 
 
-def verdict(low: float, high: float) -> str:
-    """"better" when the whole 95% interval of A - B is above zero, "worse" when below, else undecided."""
-    if low > 0:
+def verdict(low: float, high: float, p_value: float = 0.0, alpha: float = 0.05) -> str:
+    """"better" when the whole 95% interval of A - B is above zero and the test's ``p_value`` is below
+    ``alpha``, "worse" when the interval is below zero and p < alpha, else undecided."""
+    if p_value < alpha and low > 0:
         return "better"
-    if high < 0:
+    if p_value < alpha and high < 0:
         return "worse"
     return "no detectable difference"
 

@@ -17,8 +17,8 @@ from .base import SingleStageRecipe, StepContext, register_recipe
 
 CIFAR_EPS = {"eps": 8 / 255, "step_size": 2 / 255, "attack_steps": 10, "dataset": "cifar10", "batch_size": 128}
 
-# Fashion-MNIST on two CPU cores, sized so that `make run` (eight recipes, every serving mode
-# evaluated) fits in about ten minutes: a short cosine run of 2 epochs on a 6k-image subset with a
+# Fashion-MNIST on two CPU cores, sized so that training the eight recipes of `make run` takes about
+# five minutes (a pipeline check, not converged models): a short cosine run of 2 epochs on a 6k-image subset with a
 # 5-step training adversary (step 2.5 * eps / steps), validated by PGD-10 on 500 held-out images.
 QUICK: dict[str, Any] = {
     "dataset": "fashion_mnist", "arch": "smallcnn", "epochs": 2, "batch_size": 128, "lr": 0.05,
