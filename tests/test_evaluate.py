@@ -216,8 +216,9 @@ def test_a_reduced_attack_list_is_never_called_autoattack(run_dir, tmp_path):
     copy_dir = tmp_path / "run"
     shutil.copytree(run_dir, copy_dir)
     reduced = evaluate_run(copy_dir, n=16, pgd_steps=2, pgd_restarts=1, objectives=["ce"], autoattack_n=8,
-                           autoattack_version="fast", sweep=[], device="cpu")
+                           autoattack_version="fast", sweep_steps=1, device="cpu")
     assert _row(reduced, "autoattack")["label"] == "APGD-CE + APGD-T"
+    assert [row["eps"] for row in reduced["sweep"]] == pytest.approx([f * EPS for f in SWEEP_FRACTIONS])  # default
     written = format_results_table([reduced]) + results_header([reduced]) + (copy_dir / REPORT_MD).read_text()
     assert "AutoAttack" not in written.replace("standard AutoAttack's settings", "")
     assert "APGD-CE + APGD-T %" in format_results_table([reduced])
