@@ -21,6 +21,9 @@ from training.stats import paired_difference, proportion
 
 EPS, STEPS = 0.02, 20  # at this eps PGD leaves ~58% of the held-out images correct: room to disagree both ways
 
+STEP = 2.5 * EPS / STEPS  # the step PGD takes by default
+torchattacks = pytest.importorskip("torchattacks", reason="torchattacks is installed by `make install`")
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -40,14 +43,12 @@ def _agree(ours: list[bool], theirs: list[bool]) -> bool:
 
 @pytest.mark.parametrize("objective, loss", [("ce", None), ("margin", "margin"), ("dlr", "dlr")])
 def test_our_pgd_agrees_with_torchattacks(objective, loss, trained_smallcnn, held_out) -> None:
-    torchattacks = pytest.importorskip("torchattacks", reason="torchattacks is installed by `make install`")
     x, y = held_out
-    step = 2.5 * EPS / STEPS
     torch.manual_seed(0)
-    ours = _flags(trained_smallcnn, PGD(trained_smallcnn, eps=EPS, steps=STEPS, step_size=step, objective=objective)(x, y), y)
-    theirs_attack = (torchattacks.PGD(trained_smallcnn, eps=EPS, alpha=step, steps=STEPS, random_start=True)
+    ours = _flags(trained_smallcnn, PGD(trained_smallcnn, eps=EPS, steps=STEPS, step_size=STEP, objective=objective)(x, y), y)
+    theirs_attack = (torchattacks.PGD(trained_smallcnn, eps=EPS, alpha=STEP, steps=STEPS, random_start=True)
                      if loss is None else
-                     torchattacks.UPGD(trained_smallcnn, eps=EPS, alpha=step, steps=STEPS, random_start=True, loss=loss,
+                     torchattacks.UPGD(trained_smallcnn, eps=EPS, alpha=STEP, steps=STEPS, random_start=True, loss=loss,
                                        decay=0.0))
     torch.manual_seed(1)  # another random start: agreement must not depend on sharing one
     theirs = _flags(trained_smallcnn, theirs_attack(x, y), y)
@@ -60,13 +61,11 @@ def test_our_pgd_agrees_with_torchattacks(objective, loss, trained_smallcnn, hel
 
 
 def test_the_crosscheck_catches_a_broken_attack(trained_smallcnn, held_out) -> None:
-    torchattacks = pytest.importorskip("torchattacks", reason="torchattacks is installed by `make install`")
     x, y = held_out
-    step = 2.5 * EPS / STEPS
     torch.manual_seed(0)
-    theirs = _flags(trained_smallcnn, torchattacks.PGD(trained_smallcnn, eps=EPS, alpha=step, steps=STEPS,
+    theirs = _flags(trained_smallcnn, torchattacks.PGD(trained_smallcnn, eps=EPS, alpha=STEP, steps=STEPS,
                                                        random_start=True)(x, y), y)
     # Gradient descent on the true label's loss (a sign bug): it makes the images *easier*.
-    broken = _flags(trained_smallcnn, PGD(trained_smallcnn, eps=EPS, steps=STEPS, step_size=step, targeted=True)(x, y), y)
+    broken = _flags(trained_smallcnn, PGD(trained_smallcnn, eps=EPS, steps=STEPS, step_size=STEP, targeted=True)(x, y), y)
     assert paired_difference(broken, theirs).verdict == "better"
     assert not _agree(broken, theirs)

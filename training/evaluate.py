@@ -55,7 +55,7 @@ from .data import load_dataset
 from .errors import ConfigError
 from .recipes import ServingMode, get_recipe
 from .runs import base_run_dir, load_run
-from .stats import PairedDifference, format_difference, format_proportion, paired_difference, proportion
+from .stats import format_difference, format_proportion, paired_difference, proportion
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -330,17 +330,12 @@ def reliability(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for row in others:
             common = min(row["n"], white_union.numel())
             diff = paired_difference(row_flags(row)[:common].tolist(), white_union[:common].tolist())
-            checks.append({"attack": row["attack"], "label": row["label"], **diff.to_json()})
+            # "text": the difference as report.md shows it (black-box minus white-box, points).
+            checks.append({"attack": row["attack"], "label": row["label"], **diff.to_json(),
+                           "text": format_difference(diff, with_verdict=False)})
     unreliable = [c for c in checks if c["verdict"] == "worse"]
     return {"unreliable": bool(unreliable), "checks": checks,
-            "evidence": [f"{c['label']} is below the white-box worst case by "
-                         f"{format_difference(paired_difference_from(c), with_verdict=False)} points" for c in unreliable]}
-
-
-def paired_difference_from(check: dict[str, Any]) -> PairedDifference:
-    """A ``PairedDifference`` back from its JSON form (for formatting)."""
-    return PairedDifference(check["n"], check["only_a"], check["only_b"], check["difference"], *check["ci95"],
-                            check["mcnemar_p"])
+            "evidence": [f"{c['label']} is below the white-box worst case by {c['text']} points" for c in unreliable]}
 
 
 def worst_case(rows: Sequence[dict[str, Any]], mode: str, eps: float) -> dict[str, Any] | None:
@@ -535,8 +530,7 @@ def _worst_case_lines(worst: dict[str, Any]) -> list[str]:
     elif rel["checks"]:
         lines.append("No black-box or transfer attack falls below the white-box worst case beyond its interval (its "
                      "accuracy minus the white-box one, points): " +
-                     "; ".join(f"{c['label']} {format_difference(paired_difference_from(c), with_verdict=False)}"
-                               for c in rel["checks"]) + ".")
+                     "; ".join(f"{c['label']} {c['text']}" for c in rel["checks"]) + ".")
     return lines
 
 
