@@ -27,7 +27,7 @@ from PIL import Image
 from serving.client import Client
 from serving.package import SERVED_MODELS
 from serving.server import ServerSettings, read_config, read_keys
-from training.checkpoint import read_defense_json
+from training.runs import read_defense_json
 from training.data import DEFAULT_DATASET, load_dataset
 from training.errors import ConfigError, RobustServeError
 from training.recipes import ServingMode
@@ -43,13 +43,11 @@ DEFAULT_TARGET = "dhat · both"
 Progress = Callable[[int, int | None], None]  # (calls so far, expected calls or None)
 
 
-def default_run_dirs(runs_root: Path) -> dict[str, Path]:
-    """Recipe -> its run folder as ``robustserve run`` names it (``runs/<recipe>-quick-fashion_mnist-smallcnn``)."""
-    from training.engine import default_run_dir
-    from training.recipes import get_recipe
+def default_run_dirs(runs_root: Path, preset: str = "quick") -> dict[str, Path]:
+    """Recipe -> its run folder as ``robustserve run`` names it (``runs/<recipe>-<preset>-fashion_mnist-smallcnn``)."""
+    from training.runs import preset_run_dir
 
-    configs = {model.recipe: get_recipe(model.recipe).config("quick") for model in SERVED_MODELS.values()}
-    return {recipe: default_run_dir(config, config.arch or "", runs_root) for recipe, config in configs.items()}
+    return {model.recipe: preset_run_dir(model.recipe, preset, runs_root) for model in SERVED_MODELS.values()}
 
 
 @dataclass(frozen=True)
@@ -205,7 +203,8 @@ class Demo:
 
     def measured(self, endpoint: Endpoint) -> str:
         """What the evaluation of the endpoint's run measured, with intervals: one image says little."""
-        from training.evaluate import REPORT_JSON, measured_robustness
+        from training.evaluate import measured_robustness
+        from training.runs import REPORT_JSON
 
         report = self.run_dirs.get(endpoint.recipe, Path("-")) / REPORT_JSON
         if not report.is_file():

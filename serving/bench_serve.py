@@ -177,7 +177,7 @@ def find_runs(runs_root: str | Path = "runs", runs: Mapping[str, str | Path] | N
     """The finished run of each served recipe: ``runs[recipe]``, else the first ``<runs_root>/<recipe>-quick-*``.
 
     ``benchmark`` names the caller in the error that says a run is missing."""
-    from training.engine import run_finished
+    from training.runs import run_finished
 
     found: dict[str, Path] = {}
     for recipe in RECIPES:
@@ -203,8 +203,7 @@ def _png(pixels: torch.Tensor) -> bytes:
 
 def eval_images(run_dir: Path, n: int) -> tuple[torch.Tensor, list[bytes]]:
     """The first ``n`` evaluation test images of the run's dataset, as pixels and as PNG bytes."""
-    from training.checkpoint import read_defense_json
-    from training.evaluate import load_test_subset
+    from training.runs import load_test_subset, read_defense_json
 
     info = read_defense_json(run_dir)
     x, _, _ = load_test_subset(info, n, info["config"].get("data_root"))

@@ -234,14 +234,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from serving.bench import environment
     from training.checkpoint import write_text
-    from training.engine import default_run_dir, run_finished, train
+    from training.engine import train
+    from training.runs import run_dir_for, run_finished
     from training.evaluate import evaluate_run, format_results_table, results_header
     from training.recipes import RECIPES, get_recipe
 
     reports, run_dirs = [], []
     for recipe_id in recipe_list(args.recipes):
         config = get_recipe(recipe_id).config(args.preset)
-        run_dir = default_run_dir(config, config.arch or "", args.runs)
+        run_dir = run_dir_for(config, args.runs)
         finished = run_finished(run_dir)
         print(f"== {recipe_id}: {'reusing ' + str(run_dir) if finished else 'training into ' + str(run_dir)}", flush=True)
         if not finished:

@@ -99,8 +99,8 @@ def write_example_image(run_dir: Path, path: Path) -> Path:
 
     from PIL import Image
 
-    from training.checkpoint import atomic_write, read_defense_json
-    from training.evaluate import load_test_subset
+    from training.checkpoint import atomic_write
+    from training.runs import load_test_subset, read_defense_json
 
     info = read_defense_json(Path(run_dir))
     x, _, _ = load_test_subset(info, 1, info["config"].get("data_root"))

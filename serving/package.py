@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import BEST, DEFENSE_JSON, CheckpointError, read_defense_json
+from training.checkpoint import CheckpointError
 from training.dummy_classes import PAIRING_FILE, read_pairing
 from training.errors import ConfigError, RobustServeError, cannot_write
-from training.evaluate import REPORT_JSON
+from training.runs import BEST, DEFENSE_JSON, REPORT_JSON, read_defense_json
 from training.export import EXPORT_DIR, EXPORT_JSON, current_export, export_run
 from training.knn import MEMORY_BANK, MemoryBank
 

@@ -216,7 +216,7 @@ class Runtime:
     """One served model: request options and payloads in, replies out."""
 
     def __init__(self, folder: str | Path, *, backend: str | None = None, device: str | None = None) -> None:
-        from training.checkpoint import read_defense_json
+        from training.runs import read_defense_json
         from training.dummy_classes import PAIRING_FILE, read_pairing
         from training.runs import spec_from_info
 

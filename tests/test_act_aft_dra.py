@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.checkpoint import LAST, load_tensors, model_tensors
+from training.checkpoint import load_tensors, model_tensors
 from training.config import TrainConfig
 from training.data import DatasetSpec
 from training.engine import train
 from training.recipes import StepContext, get_recipe
 from training.recipes.act import act_losses
 from training.recipes.aft_dra import dra_budget
-from training.runs import load_run
+from training.runs import LAST, load_run
 
 SPEC = DatasetSpec(name="fashion_mnist", class_names=tuple(f"class {i}" for i in range(10)), input_shape=(1, 28, 28),
                    mean=(0.5,), std=(0.5,), default_architecture="smallcnn")

@@ -24,7 +24,8 @@ from helpers import free_ports
 from serving import server
 from serving.client import Client, ClientError
 from training.errors import RobustServeError
-from training.evaluate import REPORT_JSON, measured_robustness
+from training.evaluate import measured_robustness
+from training.runs import REPORT_JSON
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import BEST, DEFENSE_JSON, LAST, CheckpointError, load_tensors
+from training.checkpoint import CheckpointError, load_tensors
 from training.config import TrainConfig
 from training.engine import Trainer, learning_rate, train
 from training.recipes import get_recipe
-from training.runs import load_run
+from training.runs import BEST, DEFENSE_JSON, LAST, load_run
 
 ROBUSTSERVE = str(Path(sys.executable).parent / "robustserve")
 # Small and fast, but several batches per epoch so a kill can land mid-epoch.
@@ -127,3 +127,18 @@ def test_learning_rate_schedules() -> None:
     cosine = TrainConfig(recipe="pgd_at", epochs=10, lr=0.1, schedule="cosine")
     assert learning_rate(cosine, 0) == pytest.approx(0.1) and learning_rate(cosine, 10) == pytest.approx(0.0)
     assert learning_rate(cosine, 5) == pytest.approx(0.05)
+
+
+def test_bf16_autocast_only_where_native(tmp_path):
+    from training.devices import bf16_autocast, cpu_has_native_bf16
+
+    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx.write_text("flags\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    plain.write_text("flags\t: fpu sse2 avx2\n")
+    assert cpu_has_native_bf16(amx) and not cpu_has_native_bf16(plain)
+    assert not cpu_has_native_bf16(tmp_path / "missing")
+    with bf16_autocast(torch.device("cpu"), enabled=False):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+    with bf16_autocast(torch.device("cpu")):
+        expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == expected

@@ -23,15 +23,13 @@ from helpers import constant_logits_model, write_idx
 from training.attacks import correct_flags
 from training.config import TrainConfig
 from training.data import load_dataset
-from training.engine import defense_info
 from training.errors import ConfigError
-from training.evaluate import (BLACK_BOX, CURVES_PNG, MASKING_NOTE, PIPELINE_CHECK, REPORT_JSON, REPORT_MD, ROWS_DIR,
-                               SWEEP_FRACTIONS, TRANSFER, UNRELIABLE, WHITE_BOX, EvalContext, EvalSettings, decode_flags,
-                               encode_flags, evaluate_run, format_results_table, load_test_subset, plan_attacks,
-                               results_header, row_flags, run_row, worst_case)
+from training.evaluate import (BLACK_BOX, MASKING_NOTE, PIPELINE_CHECK, SWEEP_FRACTIONS, TRANSFER, UNRELIABLE, WHITE_BOX,
+                               EvalContext, EvalSettings, decode_flags, encode_flags, evaluate_run, format_results_table,
+                               plan_attacks, results_header, row_flags, run_row, worst_case)
 from training.recipes import RECIPES, ServingMode, get_recipe
 from training.stats import proportion
-from training.runs import load_run
+from training.runs import CURVES_PNG, REPORT_JSON, REPORT_MD, ROWS_DIR, defense_info, load_run, load_test_subset
 
 N_TEST = 200
 EPS = 0.1

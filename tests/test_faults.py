@@ -36,9 +36,10 @@ from helpers import processes_started_from, tiny_config
 
 from serving import bench_load as bl
 from serving.bench import BENCHMARKS, format_table
-from training.checkpoint import BEST, DEFENSE_JSON, LAST, load_tensors
+from training.checkpoint import load_tensors
 from training.engine import train
 from training.errors import ConfigError
+from training.runs import BEST, DEFENSE_JSON, LAST
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -28,7 +28,7 @@ from serving import server
 from serving.client import Client, ClientError
 from serving.runtime import Runtime
 from training.dummy_classes import PAIRING_FILE, read_pairing
-from training.evaluate import load_test_subset
+from training.runs import load_test_subset
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

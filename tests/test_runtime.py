@@ -21,7 +21,7 @@ from PIL import Image
 from serving.package import PackageSettings, package_run
 from serving.runtime import MANIFEST_JSON, ArchiveError, Fields, Runtime
 from training.dummy_classes import PAIRING_FILE, ClassPairing, read_pairing, recover_dummy_classes, write_pairing
-from training.evaluate import load_test_subset
+from training.runs import load_test_subset
 from training.knn import knn_search, knn_vote
 from training.runs import load_run
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from training.checkpoint import DEFENSE_JSON, CheckpointError, save_tensors, write_json
+from training.checkpoint import CheckpointError, save_tensors, write_json
+from training.runs import DEFENSE_JSON
 from training.data import DatasetSpec, TensorImageDataset
 from training.engine import train
 from training.errors import ConfigError

@@ -1,11 +1,5 @@
-"""Checkpoints and run folders: safetensors only (never a pickle), every write atomic.
-
-A run folder holds
-* ``last.safetensors``: model weights (``model/...``), optimiser buffers (``optim/...``) and the
-  training state as JSON metadata: one file, so one atomic rename moves the whole epoch forward;
-* ``best.safetensors``: the weights of the epoch with the best validation score (what is served);
-* ``defense.json``: what the run is (see ``defense_info``); ``report.*`` from ``robustserve eval``.
-"""
+"""Checkpoint files: safetensors only (never a pickle), every write atomic. What a run folder holds,
+and what each file is called, is ``training.runs``."""
 
 from __future__ import annotations
 
@@ -26,9 +20,6 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import RobustServeError, cannot_write
 
-LAST = "last.safetensors"
-BEST = "best.safetensors"
-DEFENSE_JSON = "defense.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -154,10 +145,3 @@ def code_version() -> str:
         return f"{version}+g{commit}"
     except (OSError, subprocess.SubprocessError):
         return version
-
-
-def read_defense_json(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / DEFENSE_JSON
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a training run (no {DEFENSE_JSON}); train one with `robustserve train`")
-    return json.loads(path.read_text())

@@ -49,7 +49,7 @@ class TrainConfig:
     params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
-    amp: bool = True  # bf16 autocast on CUDA only
+    amp: bool = True  # bf16 autocast where it is native: CUDA, and CPUs with AMX or AVX512-BF16 (training.devices)
     channels_last: bool = True  # on CUDA only
     workers: int = 0
 

@@ -68,6 +68,7 @@ class DatasetInfo:
     name: str
     loader: Loader
     description: str
+    default_architecture: str  # known without loading any data (run folders are named by it)
 
 
 DATASETS: dict[str, DatasetInfo] = {}
@@ -75,13 +76,13 @@ DEFAULT_DATASET = "fashion_mnist"
 SPLITS = ("train", "test")
 
 
-def register_dataset(name: str, *, description: str) -> Callable[[Loader], Loader]:
+def register_dataset(name: str, *, description: str, default_architecture: str) -> Callable[[Loader], Loader]:
     """Register ``loader(split, root, download, **options) -> (dataset, spec)`` under ``name``."""
 
     def decorator(loader: Loader) -> Loader:
         if name in DATASETS:
             raise ValueError(f"dataset {name!r} registered twice")
-        DATASETS[name] = DatasetInfo(name, loader, description)
+        DATASETS[name] = DatasetInfo(name, loader, description, default_architecture)
         return loader
 
     return decorator
@@ -215,7 +216,8 @@ def _prepare_fashion_mnist(raw: Path) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-@register_dataset("fashion_mnist", description="Fashion-MNIST 28x28 grey clothes, 10 classes (Debian data)")
+@register_dataset("fashion_mnist", description="Fashion-MNIST 28x28 grey clothes, 10 classes (Debian data)",
+                  default_architecture="smallcnn")
 def _load_fashion_mnist(split: str, root: Path | None, download: bool) -> tuple[Dataset, DatasetSpec]:
     # `download` is ignored: the files come from the Debian package, never from the internet.
     root = default_root(root)
@@ -235,7 +237,7 @@ def _load_fashion_mnist(split: str, root: Path | None, download: bool) -> tuple[
         input_shape=(1, 28, 28),
         mean=(0.2860,),
         std=(0.3530,),
-        default_architecture="smallcnn",
+        default_architecture=DATASETS["fashion_mnist"].default_architecture,
         # Translation only: flips would be label-safe for clothes, but the usual robust-training
         # recipes on (Fashion-)MNIST use no flip, so results stay comparable with published ones.
         augment=functools.partial(random_crop_flip, pad=2, flip=False),
@@ -268,7 +270,7 @@ def _cifar_loader(
             input_shape=(3, 32, 32),
             mean=mean,
             std=std,
-            default_architecture="preactresnet18",
+            default_architecture=DATASETS[name].default_architecture,
             augment=functools.partial(random_crop_flip, pad=4, flip=True),  # the standard CIFAR recipe
         )
         return dataset, spec
@@ -280,7 +282,8 @@ for _name, _cls, _mean, _std in (
     ("cifar10", datasets.CIFAR10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
     ("cifar100", datasets.CIFAR100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 ):
-    register_dataset(_name, description=f"{_cls.__name__} 32x32 colour, torchvision's python format")(
+    register_dataset(_name, description=f"{_cls.__name__} 32x32 colour, torchvision's python format",
+                     default_architecture="preactresnet18")(
         _cifar_loader(_name, _cls, _mean, _std)
     )
 
@@ -291,7 +294,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@register_dataset("imagefolder", description="any root/{train,val}/<class>/<image> tree, ImageNet-style")
+@register_dataset("imagefolder", description="any root/{train,val}/<class>/<image> tree, ImageNet-style",
+                  default_architecture="resnet50")
 def _load_imagefolder(
     split: str, root: Path | None, download: bool, *, image_size: int | None = None, augment: bool = True
 ) -> tuple[Dataset, DatasetSpec]:
@@ -315,6 +319,6 @@ def _load_imagefolder(
         input_shape=(3, size, size),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        default_architecture="resnet50",
+        default_architecture=DATASETS["imagefolder"].default_architecture,
     )
     return dataset, spec

@@ -26,13 +26,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .attacks.attacks import PGD, accuracy
-from .checkpoint import (BEST, DEFENSE_JSON, LAST, CheckpointError, code_version, load_optimizer_tensors,
-                         load_tensors, model_tensors, optimizer_tensors, read_defense_json, save_tensors,
-                         weights_digest, write_json)
+from .checkpoint import (CheckpointError, load_optimizer_tensors, load_tensors, model_tensors, optimizer_tensors,
+                         save_tensors, weights_digest, write_json)
 from .config import TrainConfig
 from .data import DatasetSpec, load_dataset
+from .devices import bf16_autocast, default_device
 from .recipes import Recipe, Stage, StepContext, get_recipe
-from .runs import LoadedRun, load_run
+from .runs import (BEST, DEFENSE_JSON, LAST, RUNS_ROOT, LoadedRun, base_config, defense_info, load_run, resolve_base_run,
+                   run_dir_for, run_finished, stage_best_file)
 from .errors import ConfigError, cannot_write
 
 
@@ -64,10 +65,6 @@ class Distributed:
         return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def default_run_dir(config: TrainConfig, spec_arch: str, root: Path = Path("runs")) -> Path:
-    return root / f"{config.recipe}-{config.preset}-{config.dataset}-{config.arch or spec_arch}"
-
-
 def seed_epoch(seed: int, epoch: int) -> torch.Generator:
     """Seed the global RNG (augmentation, attack starts, dropout) and return the shuffling generator."""
     torch.manual_seed(seed * 1_000_003 + epoch)
@@ -95,49 +92,21 @@ def _stack(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
-def stage_best_file(stages: list[Stage], index: int) -> str:
-    """Where a stage keeps its best weights: ``best.safetensors`` (served) for the last stage,
-    ``best-<stage>.safetensors`` (the start of the next stage) for earlier ones."""
-    return BEST if index == len(stages) - 1 else f"best-{stages[index].name}.safetensors"
-
-
-def base_config(config: TrainConfig) -> TrainConfig | None:
-    """The settings of the base run ``config`` starts from: the base recipe's preset of the same
-    name, on the same data, architecture and seed (None: ``config`` trains from scratch)."""
-    if config.base is None:
-        return None
-    shared = {"dataset": config.dataset, "arch": config.arch, "data_root": config.data_root, "seed": config.seed}
-    return get_recipe(config.base).config(config.preset, **{k: v for k, v in shared.items() if v is not None})
-
-
-def resolve_base_run(config: TrainConfig, root: Path = Path("runs")) -> Path | None:
-    """The folder of the finished run ``config`` starts from (None: it trains from scratch)."""
-    base = base_config(config)
-    if base is None:
-        return None
-    return Path(config.base_run) if config.base_run is not None else default_run_dir(base, config.arch or "", root)
-
-
-def run_finished(run_dir: Path) -> bool:
-    """True when ``run_dir`` holds a run whose every stage (and its artifacts) is done."""
-    return (run_dir / DEFENSE_JSON).is_file() and bool(read_defense_json(run_dir).get("finished"))
-
-
 class Trainer:
     """Trains one recipe, stage after stage, into one run folder."""
 
     def __init__(self, config: TrainConfig, run_dir: Path | None = None, *, resume: bool = False,
-                 force: bool = False, progress: bool = True, runs_root: Path = Path("runs")) -> None:
+                 force: bool = False, progress: bool = True, runs_root: Path = RUNS_ROOT) -> None:
         self.recipe: Recipe = get_recipe(config.recipe)
         self.dist = Distributed.from_env()
         self.config = config
         self.train_set, self.spec = load_dataset(config.dataset, "train", root=config.data_root, download=config.download)
-        self.run_dir = Path(run_dir) if run_dir else default_run_dir(config, self.spec.default_architecture, runs_root)
+        self.run_dir = Path(run_dir) if run_dir else run_dir_for(config, runs_root)
         self.progress = progress and self.dist.is_main
         self.stages = self.recipe.stages(config)
         self.base_dir = resolve_base_run(config, runs_root)
         self._check_run_dir(resume, force)
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(config.device)
         if self.device.type == "cuda" and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
         if config.batch_size % self.dist.world_size:
@@ -247,9 +216,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self._on_cuda(self.config.amp):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return bf16_autocast(self.device, self.config.amp)
 
     def _batches(self, config: TrainConfig, generator: torch.Generator) -> DataLoader:
         order = self.split.train[torch.randperm(len(self.split.train), generator=generator)]
@@ -395,39 +362,6 @@ class Trainer:
             print(message, flush=True)
 
 
-def defense_info(recipe: Recipe, config: TrainConfig, spec: DatasetSpec, state: dict[str, Any],
-                 stages: list[Stage], base: LoadedRun | None) -> dict[str, Any]:
-    """The run's ``defense.json``: everything serving and evaluation need to rebuild and describe it.
-
-    ``stages`` lists the base run's stages first (marked with their ``run`` folder), so the
-    training time of a defense includes what it was built on.
-    """
-    base_stages = [{**stage, "run": str(base.run_dir)} for stage in base.info["stages"]] if base else []
-    own = [{"name": record["name"], "epochs_done": record["epochs_done"], "best_epoch": record["best_epoch"],
-            "trainable": "all" if stage.trainable is None else "part", "history": record["history"]}
-           for stage, record in zip(stages, state["stages"])]
-    return {
-        "defense": recipe.id,
-        "description": recipe.description,
-        "architecture": config.arch or spec.default_architecture,
-        "dataset": spec.name,
-        "classes": list(spec.class_names),
-        "input_shape": list(spec.input_shape),
-        "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
-        "preset": config.preset,
-        "seed": config.seed,
-        "threat_model": {"norm": "linf", "eps": config.eps},
-        "base": None if base is None else {"recipe": base.info["defense"], "run_dir": str(base.run_dir),
-                                           "weights_sha256": weights_digest(base.model)},
-        "stages": base_stages + own,
-        "finished": state["finished"],
-        "serving_modes": list(recipe.serving_modes),
-        "weights": BEST,
-        "config": asdict(config),
-        "code_version": code_version(),
-    }
-
-
 @contextlib.contextmanager
 def distributed_session(dist_info: Distributed) -> Iterator[None]:
     """Initialise the process group under torchrun (gloo on CPU, nccl on GPU) and tear it down."""
@@ -445,7 +379,7 @@ def distributed_session(dist_info: Distributed) -> Iterator[None]:
 
 
 def train(config: TrainConfig, run_dir: Path | None = None, *, resume: bool = False, force: bool = False,
-          progress: bool = True, runs_root: Path = Path("runs")) -> Path:
+          progress: bool = True, runs_root: Path = RUNS_ROOT) -> Path:
     """Train ``config`` into ``run_dir`` (single process, or one rank under torchrun).
 
     A recipe that starts from a base run gets that run trained first (into its default folder

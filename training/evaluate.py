@@ -51,18 +51,14 @@ from torch import nn
 from .attacks.attacks import PGD, AutoAttackStandard, correct_flags, summarize_check_warnings
 from .attacks.core import OBJECTIVES, attack_mode
 from .checkpoint import atomic_write, sha256_file, weights_digest, write_json
-from .data import load_dataset
+from .devices import default_device
 from .errors import ConfigError
 from .recipes import ServingMode, get_recipe
-from .runs import base_run_dir, load_run
+from .runs import (CURVES_PNG, REPORT_JSON, REPORT_MD, ROWS_DIR, TEST_SUBSET_SEED, base_run_dir, load_run,
+                   load_test_subset, train_seconds)
 from .stats import format_difference, format_proportion, paired_difference, proportion
 
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-CURVES_PNG = "curves.png"
-ROWS_DIR = "eval_rows"  # one JSON file per finished attack row: what makes an evaluation resumable
 EVAL_FORMAT = 2  # part of every row's key: bumped when an attack's code changes what it computes
-SUBSET_SEED = 0
 ARTIFACTS = ("pairing.json", "memory_bank.safetensors")  # run files that change what a mode serves
 
 # pyautoattack's versions and the attacks each runs. Only a full version is called "AutoAttack";
@@ -271,7 +267,7 @@ def row_flags(row: dict[str, Any]) -> torch.Tensor:
 
 def _row_key(fingerprint: str, mode: str, planned: PlannedAttack) -> str:
     key = {"format": EVAL_FORMAT, "run": fingerprint, "mode": mode, "attack": planned.attack, "eps": planned.eps,
-           "n": planned.n, "subset_seed": SUBSET_SEED, "settings": planned.settings}
+           "n": planned.n, "subset_seed": TEST_SUBSET_SEED, "settings": planned.settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -356,27 +352,6 @@ def worst_case(rows: Sequence[dict[str, Any]], mode: str, eps: float) -> dict[st
 # The evaluation
 
 
-def load_test_subset(info: dict[str, Any], n: int | None, data_root: str | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The first ``n`` images (all when None) of the fixed permutation of the run's test split:
-    ``(x, y, test size)``."""
-    dataset, spec = load_dataset(info["dataset"], "test", root=data_root)
-    # Evaluating on data the model was not built for would give a silently meaningless number.
-    if list(spec.class_names) != list(info["classes"]) or list(spec.input_shape) != list(info["input_shape"]):
-        raise ConfigError(f"the {info['dataset']} test set in {data_root or 'the default data root'} has classes "
-                         f"{list(spec.class_names)} and shape {list(spec.input_shape)}, but the run was trained on "
-                         f"{info['classes']} and {info['input_shape']}")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SUBSET_SEED))[:n]
-    items = [dataset[int(i)] for i in order]
-    x = torch.stack([image for image, _ in items]) if items else torch.zeros(0, *spec.input_shape)
-    return x, torch.tensor([label for _, label in items], dtype=torch.int64), len(dataset)
-
-
-def train_seconds(info: dict[str, Any]) -> float:
-    """Total training time of a run: the epochs' ``seconds`` over all stages of ``defense.json``."""
-    return float(sum(epoch.get("seconds", 0.0) for stage in info.get("stages", [])
-                     for epoch in stage.get("history", [])))
-
-
 def _transfer_sources(run_dir: Path, info: dict[str, Any], serving: ServingMode,
                       device: str) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The mode's transfer sources: its own (ACT's F) and, unless the mode is the base network, the
@@ -430,7 +405,7 @@ def evaluate_run(
     if (n is not None and n < 1) or pgd_steps < 1 or pgd_restarts < 1 or sweep_steps < 1 or batch_size < 1:
         raise ConfigError("n, pgd_steps, pgd_restarts, sweep_steps and batch_size must all be >= 1")
     started = time.perf_counter()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(default_device(device))
     run_dir = Path(run_dir)
     run = load_run(run_dir, which="best", device=device)
     info = run.info
@@ -480,7 +455,7 @@ def evaluate_run(
                 "compared_with": (info.get("base") or {}).get("recipe") or recipe.compared_with},
         "settings": {**asdict(settings), "objectives": list(settings.objectives), "sweep": list(settings.sweep),
                      "n_requested": n_requested, "test_size": test_size, "data_root": data_root,
-                     "subset": f"first {n} of torch.randperm({test_size}) seeded {SUBSET_SEED}",
+                     "subset": f"first {n} of torch.randperm({test_size}) seeded {TEST_SUBSET_SEED}",
                      "autoattack_label": autoattack_label(autoattack_version),
                      "torch": torch.__version__,
                      "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},

@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import BEST, CheckpointError, atomic_write, sha256_file, write_json
+from .checkpoint import CheckpointError, atomic_write, sha256_file, write_json
 from .errors import RobustServeError
-from .evaluate import load_test_subset
 from .recipes import ServingMode
-from .runs import load_run
+from .runs import BEST, load_run, load_test_subset
 
 EXPORT_DIR = "export"
 EXPORT_JSON = "export.json"

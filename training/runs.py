@@ -1,19 +1,170 @@
-"""Loading a finished run: its ``defense.json`` and a model with the run's weights."""
+"""The run folder: one home for its name, its layout, when it is finished, the run it starts from,
+its ``defense.json`` and loading it back.
+
+A run folder ``runs/<recipe>-<preset>-<dataset>-<arch>`` holds
+
+* ``last.safetensors``: model weights (``model/...``), optimiser buffers (``optim/...``) and the
+  training state as JSON metadata: one file, so one atomic rename moves the whole epoch forward;
+* ``best.safetensors``: the weights of the epoch with the best validation score (what is served);
+  a multi-stage recipe keeps each earlier stage's best in ``best-<stage>.safetensors``;
+* ``defense.json``: what the run is (``defense_info``); ``finished`` once every stage and artifact is done;
+* the recipe's artifacts (DUCAT's ``pairing.json``, THAT's memory bank);
+* from ``robustserve eval``: ``report.json`` (written last: the evaluation finished), ``report.md``,
+  ``curves.png`` and ``eval_rows/`` (one file per finished attack row).
+
+Everything that needs a run folder (training, evaluation, export, packaging, the demo, the
+benchmarks) asks this module; none of them needs the training engine to find or read one.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .checkpoint import BEST, LAST, CheckpointError, load_tensors, model_tensors, read_defense_json
+from .checkpoint import CheckpointError, code_version, load_tensors, model_tensors, weights_digest
 from .config import TrainConfig
-from .data import DatasetSpec
+from .data import DatasetSpec, load_dataset
+from .errors import ConfigError
 from .recipes import ServingMode, get_recipe
 
+if TYPE_CHECKING:
+    from .recipes import Recipe, Stage
+
+RUNS_ROOT = Path("runs")
+LAST = "last.safetensors"
+BEST = "best.safetensors"
+DEFENSE_JSON = "defense.json"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+CURVES_PNG = "curves.png"
+ROWS_DIR = "eval_rows"
+TEST_SUBSET_SEED = 0  # the fixed permutation of the test split every evaluation takes its first n images from
+
+
+# -- naming and layout ------------------------------------------------------------------------
+
+def run_dir_for(config: TrainConfig, root: Path = RUNS_ROOT) -> Path:
+    """The default folder of ``config``'s run: ``<root>/<recipe>-<preset>-<dataset>-<arch>``, the
+    architecture being the dataset's default when the config names none."""
+    arch = config.arch or _default_architecture(config.dataset)
+    return Path(root) / f"{config.recipe}-{config.preset}-{config.dataset}-{arch}"
+
+
+def preset_run_dir(recipe: str, preset: str, root: Path = RUNS_ROOT, **settings: Any) -> Path:
+    """The default folder of ``recipe``'s run at ``preset`` (with ``settings`` overriding the preset)."""
+    return run_dir_for(get_recipe(recipe).config(preset, **settings), root)
+
+
+def _default_architecture(dataset: str) -> str:
+    from .data import DATASETS
+    return DATASETS[dataset].default_architecture
+
+
+def stage_best_file(stages: list[Stage], index: int) -> str:
+    """Where a stage keeps its best weights: ``best.safetensors`` (served) for the last stage,
+    ``best-<stage>.safetensors`` (the start of the next stage) for earlier ones."""
+    return BEST if index == len(stages) - 1 else f"best-{stages[index].name}.safetensors"
+
+
+def read_defense_json(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / DEFENSE_JSON
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a training run (no {DEFENSE_JSON}); train one with `robustserve train`")
+    return json.loads(path.read_text())
+
+
+def run_finished(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds a run whose every stage (and its artifacts) is done."""
+    return (Path(run_dir) / DEFENSE_JSON).is_file() and bool(read_defense_json(run_dir).get("finished"))
+
+
+# -- the run a run starts from ----------------------------------------------------------------
+
+def base_config(config: TrainConfig) -> TrainConfig | None:
+    """The settings of the base run ``config`` starts from: the base recipe's preset of the same
+    name, on the same data, architecture and seed (None: ``config`` trains from scratch)."""
+    if config.base is None:
+        return None
+    shared = {"dataset": config.dataset, "arch": config.arch, "data_root": config.data_root, "seed": config.seed}
+    return get_recipe(config.base).config(config.preset, **{k: v for k, v in shared.items() if v is not None})
+
+
+def resolve_base_run(config: TrainConfig, root: Path = RUNS_ROOT) -> Path | None:
+    """The folder of the finished run ``config`` will start from (None: it trains from scratch)."""
+    base = base_config(config)
+    if base is None:
+        return None
+    return Path(config.base_run) if config.base_run is not None else run_dir_for(base, root)
+
+
+def base_run_dir(run_dir: Path, info: dict[str, Any]) -> Path | None:
+    """The folder of the run that the trained ``run_dir`` started from, if it has one and it is still
+    there: the path recorded at training (relative to where training ran), else a sibling of the same
+    name (run folders moved together)."""
+    base = info.get("base")
+    if not base:
+        return None
+    recorded = Path(base["run_dir"])
+    for candidate in (recorded, Path(run_dir).parent / recorded.name):
+        if (candidate / DEFENSE_JSON).is_file():
+            return candidate
+    return None
+
+
+# -- defense.json ------------------------------------------------------------------------------
+
+def defense_info(recipe: Recipe, config: TrainConfig, spec: DatasetSpec, state: dict[str, Any],
+                 stages: list[Stage], base: LoadedRun | None) -> dict[str, Any]:
+    """The run's ``defense.json``: everything serving and evaluation need to rebuild and describe it.
+
+    ``stages`` lists the base run's stages first (marked with their ``run`` folder), so the
+    training time of a defense includes what it was built on.
+    """
+    base_stages = [{**stage, "run": str(base.run_dir)} for stage in base.info["stages"]] if base else []
+    own = [{"name": record["name"], "epochs_done": record["epochs_done"], "best_epoch": record["best_epoch"],
+            "trainable": "all" if stage.trainable is None else "part", "history": record["history"]}
+           for stage, record in zip(stages, state["stages"])]
+    return {
+        "defense": recipe.id,
+        "description": recipe.description,
+        "architecture": config.arch or spec.default_architecture,
+        "dataset": spec.name,
+        "classes": list(spec.class_names),
+        "input_shape": list(spec.input_shape),
+        "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
+        "preset": config.preset,
+        "seed": config.seed,
+        "threat_model": {"norm": "linf", "eps": config.eps},
+        "base": None if base is None else {"recipe": base.info["defense"], "run_dir": str(base.run_dir),
+                                           "weights_sha256": weights_digest(base.model)},
+        "stages": base_stages + own,
+        "finished": state["finished"],
+        "serving_modes": list(recipe.serving_modes),
+        "weights": BEST,
+        "config": asdict(config),
+        "code_version": code_version(),
+    }
+
+
+def spec_from_info(info: dict[str, Any]) -> DatasetSpec:
+    """The dataset facts a model needs, read back from ``defense.json`` (no data is loaded)."""
+    return DatasetSpec(name=info["dataset"], class_names=tuple(info["classes"]),
+                       input_shape=tuple(info["input_shape"]), mean=tuple(info["normalization"]["mean"]),
+                       std=tuple(info["normalization"]["std"]), default_architecture=info["architecture"])
+
+
+def train_seconds(info: dict[str, Any]) -> float:
+    """Total training time of a run: the epochs' ``seconds`` over all stages of ``defense.json``."""
+    return float(sum(epoch.get("seconds", 0.0) for stage in info.get("stages", [])
+                     for epoch in stage.get("history", [])))
+
+
+# -- loading -----------------------------------------------------------------------------------
 
 @dataclass
 class LoadedRun:
@@ -30,27 +181,6 @@ class LoadedRun:
         return get_recipe(self.info["defense"]).modes(self.model, self.run_dir)
 
 
-def spec_from_info(info: dict[str, Any]) -> DatasetSpec:
-    """The dataset facts a model needs, read back from ``defense.json`` (no data is loaded)."""
-    return DatasetSpec(name=info["dataset"], class_names=tuple(info["classes"]),
-                       input_shape=tuple(info["input_shape"]), mean=tuple(info["normalization"]["mean"]),
-                       std=tuple(info["normalization"]["std"]), default_architecture=info["architecture"])
-
-
-def base_run_dir(run_dir: Path, info: dict[str, Any]) -> Path | None:
-    """The folder of the run that ``run_dir`` started from, if it has one and it is still there: the
-    path recorded at training (relative to where training ran), else a sibling of the same name
-    (run folders moved together)."""
-    base = info.get("base")
-    if not base:
-        return None
-    recorded = Path(base["run_dir"])
-    for candidate in (recorded, Path(run_dir).parent / recorded.name):
-        if (candidate / "defense.json").is_file():
-            return candidate
-    return None
-
-
 def load_run(run_dir: str | Path, *, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild the run's model through its recipe and load the ``best`` (or ``last``) weights."""
     run_dir = Path(run_dir)
@@ -65,3 +195,18 @@ def load_run(run_dir: str | Path, *, which: str = "best", device: str | torch.de
         raise CheckpointError(f"the weights in {run_dir} do not fit a {info['architecture']} "
                               f"for {info['defense']}: {str(err).splitlines()[0]}") from err
     return LoadedRun(run_dir, info, model.to(device).eval())
+
+
+def load_test_subset(info: dict[str, Any], n: int | None, data_root: str | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The first ``n`` images (all when None) of the fixed permutation of the run's test split:
+    ``(x, y, test size)``."""
+    dataset, spec = load_dataset(info["dataset"], "test", root=data_root)
+    # Evaluating on data the model was not built for would give a silently meaningless number.
+    if list(spec.class_names) != list(info["classes"]) or list(spec.input_shape) != list(info["input_shape"]):
+        raise ConfigError(f"the {info['dataset']} test set in {data_root or 'the default data root'} has classes "
+                         f"{list(spec.class_names)} and shape {list(spec.input_shape)}, but the run was trained on "
+                         f"{info['classes']} and {info['input_shape']}")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(TEST_SUBSET_SEED))[:n]
+    items = [dataset[int(i)] for i in order]
+    x = torch.stack([image for image, _ in items]) if items else torch.zeros(0, *spec.input_shape)
+    return x, torch.tensor([label for _, label in items], dtype=torch.int64), len(dataset)

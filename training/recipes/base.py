@@ -3,7 +3,8 @@
 A recipe is one defense (or baseline). It declares:
 
 * ``presets``: named settings for ``TrainConfig`` (``paper``: the values of its paper, on the
-  paper's data and architecture; ``quick``: sized for two CPU cores on Fashion-MNIST, eps = 0.1),
+  paper's data and architecture; ``quick``: sized for two CPU cores on Fashion-MNIST, eps = 0.1, a
+  pipeline check; ``standard``: the same setting trained until the validation curve is flat),
 * ``bases``: the recipes whose finished run may start this one (DH-AT's main head is a ``trades``
   run, AFT-DRA fine-tunes a ``natural`` run); ``TrainConfig.base`` picks one, ``initialize`` loads it,
 * ``stages(config)``: what is trained, in order. A stage names its loss, the sub-modules that
@@ -50,6 +51,15 @@ class StepContext:
     augment: Callable[[torch.Tensor], torch.Tensor]  # the dataset's training augmentation
     epoch: int  # within the current stage
     state: dict[str, Any] = field(default_factory=dict)  # recipe state that lives across steps (not checkpointed)
+
+    def clean_and_adversarial_logits(self, x: torch.Tensor, x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(model(x), model(x_adv))``. A network with BatchNorm in training mode gets two passes, as
+        the TRADES, MART and AFT-DRA reference code does: one pass over the mixed batch would
+        normalise clean and adversarial images with shared batch statistics. Without BatchNorm the
+        two are the same computation, and one pass over the concatenation is faster."""
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.module.modules()):
+            return self.model(x), self.model(x_adv)
+        return self.model(torch.cat([x, x_adv])).chunk(2)
 
     def attack(self, x: torch.Tensor, y: torch.Tensor, *, objective: str | Objective = "ce",
                target: nn.Module | None = None, clean_logits: torch.Tensor | None = None,
