@@ -12,7 +12,6 @@ PNG sent over REST is then exactly the image the page shows, and the eps the pag
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
+from serving.decode import png_bytes
 from serving.runtime import MAX_TOP_K
 from training.attacks import build_attack
 from training.errors import RobustServeError
@@ -115,9 +114,7 @@ def perturbation_norms(x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, float]
 
 def to_png(x: torch.Tensor) -> bytes:
     """One image [1, H, W] on the 8-bit grid as PNG bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(x[0].mul(255).round().byte().cpu().numpy(), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(x)
 
 
 @dataclass(frozen=True)

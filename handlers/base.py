@@ -19,7 +19,7 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-from serving.runtime import ArchiveError, Fields, Runtime
+from serving.runtime import ArchiveError, Fields, Runtime, cuda_available
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class RuntimeHandler:
     def initialize(self, context: Any) -> None:
         properties = context.system_properties
         gpu = properties.get("gpu_id")
-        device = f"cuda:{gpu}" if gpu is not None and _cuda_available() else "cpu"
+        device = f"cuda:{gpu}" if gpu is not None and cuda_available() else "cpu"
         try:
             self.runtime = Runtime(properties["model_dir"], device=device)
         except ArchiveError as err:
@@ -129,9 +129,3 @@ class RuntimeHandler:
         self.counters[REQUESTS_METRIC].add_or_update(1, dimensions)
         if attack_signal(reply):
             self.counters[SIGNALS_METRIC].add_or_update(1, dimensions)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -232,9 +232,9 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
-    from serving.bench import environment
     from training.checkpoint import write_text
     from training.engine import train
+    from training.environment import describe_environment
     from training.runs import run_dir_for, run_finished
     from training.evaluate import evaluate_run, format_results_table, results_header
     from training.recipes import RECIPES, get_recipe
@@ -251,7 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         reports.append(evaluate_run(run_dir, **suite_settings(args), progress=True))
         run_dirs.append(run_dir)
     table = format_results_table(reports, references={r.id: r.reference for r in RECIPES.values() if r.reference})
-    env = environment()
+    env = describe_environment()
     header = (f"# Results ({args.preset} preset)\n\nMade by `robustserve run --preset {args.preset}` (`make run`) on "
               f"{env['device_name']}, {env['torch_threads']} torch threads, torch {env['torch']}, "
               f"{datetime.now(timezone.utc):%Y-%m-%d}. " + results_header(reports) + "\n\n")
@@ -490,48 +490,22 @@ def run_demo(state_dir: Path, runs_root: Path, *, host: str, port: int, data_roo
 
 
 def _configure_bench(p: argparse.ArgumentParser) -> None:
+    """One sub-command per registered benchmark, with the options that benchmark adds itself."""
     from serving.bench import BENCHMARKS
 
-    p.add_argument("what", choices=list(BENCHMARKS),
-                   help="attacks: our PGD-10 beside torchattacks' on one model and batch; at-step: one PGD-10 "
-                        "adversarial-training step (bf16 on GPU) in img/s and model TFLOP/s; all: both (at-step on GPU); "
-                        "serve: the served defenses over REST against their bare forwards, ONNX vs eager, kNN indexes; "
-                        "load: concurrent clients on every served endpoint (failures, p50/p99, req/s), "
-                        "optionally with a worker killed under it")
-    p.add_argument("--arch", help="architecture (default: smallcnn for attacks, preactresnet18 for at-step)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--steps", type=int, help="PGD steps (default 10)")
-    p.add_argument("--repeats", type=int, help="timed rounds (default 5)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N")
-    p.add_argument("--peak-tflops", type=float, help="the device's bf16 dense peak for at-step (default: H100's 989)")
-    p.add_argument("--json", type=Path, help="also write the figures as JSON here")
-    p.add_argument("--runs", type=Path,
-                   help="serve, load: folder of the <recipe>-quick-* runs to serve (default: runs)")
-    p.add_argument("--requests", type=int, help="serve: REST requests per endpoint and client count (default 200)")
-    p.add_argument("--quick", action="store_true", help="serve: a few requests, small kNN banks, a tiny ResNet-18")
-    p.add_argument("--clients", type=int, help="load: concurrent clients (default 8, at most 64)")
-    p.add_argument("--seconds", type=float, help="load: seconds of load per phase (default 30, at most 600)")
-    p.add_argument("--kill-worker", metavar="MODEL",
-                   help="load: then load again and SIGKILL MODEL's worker a third of the way in; measure the recovery")
+    which = p.add_subparsers(dest="what", required=True)
+    for benchmark in BENCHMARKS.values():
+        sp = which.add_parser(benchmark.name, help=benchmark.description, description=benchmark.description)
+        benchmark.add_options(sp)
+        sp.add_argument("--json", type=Path, help="also write the figures as JSON here")
 
 
 @command("bench", "benchmarks: throughput figures, compared as ratios within one run", _configure_bench)
 def cmd_bench(args: argparse.Namespace) -> int:
-    from serving.bench import BENCHMARKS, format_table
+    from serving.bench import BENCHMARKS
+    from serving.bench.common import format_table
 
-    settings = {k: getattr(args, k) for k in ("arch", "batch_size", "steps", "repeats", "device", "peak_tflops")
-                if getattr(args, k) is not None}
-    if args.what == "attacks":
-        settings.pop("peak_tflops", None)
-    if args.what == "serve":
-        settings = {key: value for key, value in (("runs_root", args.runs), ("requests", args.requests),
-                                                  ("repeats", args.repeats)) if value is not None}
-        settings["quick"] = args.quick
-    if args.what == "load":
-        settings = {key: value for key, value in (("runs_root", args.runs), ("clients", args.clients),
-                                                  ("seconds", args.seconds), ("kill_worker", args.kill_worker))
-                    if value is not None}
-    figures = BENCHMARKS[args.what](**settings)
+    figures = BENCHMARKS[args.what].run(args)
     print(format_table(figures, title=f"bench {args.what}"))
     if args.json:
         from training.checkpoint import write_json

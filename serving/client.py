@@ -95,19 +95,14 @@ class Client:
 
 def write_example_image(run_dir: Path, path: Path) -> Path:
     """The first evaluation test image of a run's dataset as a PNG at ``path`` (for the curl examples)."""
-    import io
-
-    from PIL import Image
-
+    from serving.decode import png_bytes
     from training.checkpoint import atomic_write
     from training.runs import load_test_subset, read_defense_json
 
     info = read_defense_json(Path(run_dir))
     x, _, _ = load_test_subset(info, 1, info["config"].get("data_root"))
-    pixels = (x[0] * 255).round().byte().permute(1, 2, 0).squeeze(-1).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+    png = png_bytes(x[0])
+    atomic_write(path, lambda tmp: tmp.write_bytes(png))
     return path
 
 

@@ -1,8 +1,8 @@
 """Turn one inference request into one image tensor, or into a ``RequestError`` the HTTP layer replies with.
 
-``decode_image(payload, spec)`` returns a float32 tensor ``[C, H, W]`` in [0, 1] of exactly ``spec.shape``.
-Nothing here imports TorchServe or model code, so every handler and the tests share one definition of a valid
-request.
+``decode_image(payload, spec)`` returns a float32 array ``[C, H, W]`` in [0, 1] of exactly ``spec.shape``.
+Nothing here imports TorchServe, torch or model code, so every handler and the tests share one definition of a
+valid request.
 
 Accepted payloads
 -----------------
@@ -64,7 +64,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from training.errors import ConfigError, RobustServeError
@@ -136,8 +135,8 @@ class InputSpec:
             object.__setattr__(self, "max_json_values", 4 * math.prod(shape))
 
 
-def decode_image(payload: bytes | bytearray | str | dict[str, Any] | list[Any], spec: InputSpec) -> torch.Tensor:
-    """One request's image as a float32 tensor [C, H, W] in [0, 1] matching spec.shape.
+def decode_image(payload: bytes | bytearray | str | dict[str, Any] | list[Any], spec: InputSpec) -> np.ndarray:
+    """One request's image as a C-contiguous float32 array [C, H, W] in [0, 1] matching spec.shape.
 
     Raises ``RequestError`` for every bad payload; the accepted forms and the rules are in the module docstring.
     """
@@ -152,6 +151,28 @@ def decode_image(payload: bytes | bytearray | str | dict[str, Any] | list[Any], 
     if isinstance(payload, list):
         return _decode_pixels(payload, spec)
     raise RequestError(f"expected image bytes, base64 text, a JSON object or a pixel array, got {_describe(payload)}")
+
+
+def png_bytes(pixels: Any) -> bytes:
+    """One image as PNG bytes: grayscale (``[H, W]`` or ``[1, H, W]``) or RGB (``[3, H, W]``), a torch tensor (any
+    device) or a numpy array, of floats in [0, 1] (rounded to the nearest 8-bit level, half to even) or of uint8.
+
+    The encoding side of ``decode_image``: for pixels on the 8-bit grid, ``decode_image(png_bytes(x), spec)`` gives
+    ``x`` back. Every PNG the project makes from pixels (the benchmarks' requests, the curl example image, the demo's
+    images) comes from here, so what is sent is what the runtime decodes.
+    """
+    if hasattr(pixels, "detach"):  # a torch tensor: duck-typed, so this stays numpy + Pillow
+        pixels = pixels.detach().cpu().numpy()
+    array = np.asarray(pixels)
+    if array.dtype != np.uint8:
+        array = np.clip(np.round(array * 255), 0, 255).astype(np.uint8)
+    if array.ndim == 3 and array.shape[0] in (1, 3):
+        array = array[0] if array.shape[0] == 1 else np.ascontiguousarray(array.transpose(1, 2, 0))
+    elif array.ndim != 2:
+        raise ValueError(f"png_bytes takes [H, W], [1, H, W] or [3, H, W] pixels, got shape {list(array.shape)}")
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")  # 2-D uint8: mode L; H x W x 3: RGB
+    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,11 +212,11 @@ def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any
     return found
 
 
-def _decode_json(text: str | bytes | bytearray, spec: InputSpec) -> torch.Tensor:
+def _decode_json(text: str | bytes | bytearray, spec: InputSpec) -> np.ndarray:
     return decode_image(parse_json(text, spec), spec)
 
 
-def _decode_fields(fields: dict[str, Any], spec: InputSpec) -> torch.Tensor:
+def _decode_fields(fields: dict[str, Any], spec: InputSpec) -> np.ndarray:
     given = [key for key in _IMAGE_FIELDS if key in fields]
     if len(given) != 1:
         raise RequestError('expected a JSON object with exactly one of "image" (a base64 PNG or JPEG) and "pixels" '
@@ -230,8 +251,8 @@ def _decode_base64(text: str, spec: InputSpec) -> bytes:
 # Encoded images
 
 
-def _decode_encoded(data: bytes | bytearray, spec: InputSpec) -> torch.Tensor:
-    """An encoded PNG or JPEG as the model's tensor; limits and size are checked before any pixel is decoded."""
+def _decode_encoded(data: bytes | bytearray, spec: InputSpec) -> np.ndarray:
+    """An encoded PNG or JPEG as the model's array; limits and size are checked before any pixel is decoded."""
     if not data:
         raise RequestError("empty image: expected the bytes of a PNG or JPEG image, got 0 bytes")
     _check_limit(len(data), spec.max_bytes, "the encoded image", "bytes")
@@ -250,7 +271,7 @@ def _decode_encoded(data: bytes | bytearray, spec: InputSpec) -> torch.Tensor:
         # documented list, and every one of them means the same here.
         except Exception as error:  # noqa: BLE001
             raise RequestError(f"the {image_format} image is truncated or corrupt ({error})") from None
-        return _image_tensor(image, spec.shape[0])
+        return _image_array(image, spec.shape[0])
 
 
 def _image_format(data: bytes | bytearray) -> str:
@@ -302,7 +323,7 @@ def _open(data: bytes | bytearray, image_format: str) -> Image.Image:
         raise RequestError(f"the {image_format} image header is truncated or corrupt ({error})") from None
 
 
-def _image_tensor(image: Image.Image, channels: int) -> torch.Tensor:
+def _image_array(image: Image.Image, channels: int) -> np.ndarray:
     """A loaded image as [channels, H, W] in [0, 1], converting only what is unambiguous (see the module docstring)."""
     if image.mode in _EXPANDED_MODES:
         image = image.convert(_EXPANDED_MODES[image.mode])
@@ -311,18 +332,18 @@ def _image_tensor(image: Image.Image, channels: int) -> torch.Tensor:
         raise RequestError(f"unsupported image mode {mode}: send a grayscale or RGB image "
                            "(8-bit, or 16-bit grayscale PNG)")
     # float32 division by white, as the training data loader does, so a PNG gives the training pixels exactly.
-    values = torch.from_numpy(np.atleast_3d(np.asarray(image, dtype=np.float32))).div_(_WHITE[mode]).permute(2, 0, 1)
+    values = (np.atleast_3d(np.asarray(image, dtype=np.float32)) / np.float32(_WHITE[mode])).transpose(2, 0, 1)
     if mode in _ALPHA_MODES:
         if values[-1].min() < 1:
             raise RequestError(f"the {mode} image has transparent pixels, and this model has no alpha channel: "
                                "flatten it onto a background and send it without alpha")
         values = values[:-1]
     if len(values) == channels:
-        return values.contiguous()
+        return np.ascontiguousarray(values)
     if len(values) == 1:  # gray to a colour model
-        return values.expand(channels, -1, -1).contiguous()
+        return np.repeat(values, channels, axis=0)
     if (values == values[:1]).all():  # gray saved as RGB, to a grayscale model
-        return values[:1].contiguous()
+        return np.ascontiguousarray(values[:1])
     raise RequestError("this model takes grayscale (1-channel) images, got a colour RGB image: "
                        "convert it to grayscale (mode L) before sending")
 
@@ -331,19 +352,19 @@ def _image_tensor(image: Image.Image, channels: int) -> torch.Tensor:
 # Pixel arrays
 
 
-def _decode_pixels(pixels: list[Any], spec: InputSpec) -> torch.Tensor:
+def _decode_pixels(pixels: list[Any], spec: InputSpec) -> np.ndarray:
     shape = _probe_shape(pixels)
     _check_limit(math.prod(shape), spec.max_json_values, "the pixel array", "values")
     layouts = _pixel_layouts(spec.shape)
     if shape not in layouts:
         accepted = " or ".join(str(list(layout)) for layout in layouts)
         raise RequestError(f"expected a pixel array of shape {accepted} for this model, got shape {list(shape)}")
-    # Only a checked array becomes a tensor: ragged lists and bad values are found without building one.
+    # Only a checked list becomes an array: ragged lists and bad values are found without building one.
     _check_values(pixels, shape, "pixels")
-    values = torch.tensor(pixels, dtype=torch.float32)
+    values = np.array(pixels, dtype=np.float32)
     if layouts[shape]:
-        values = values.permute(2, 0, 1)
-    return values.reshape(spec.shape).contiguous()
+        values = values.transpose(2, 0, 1)
+    return np.ascontiguousarray(values.reshape(spec.shape))
 
 
 def _probe_shape(pixels: list[Any]) -> tuple[int, ...]:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from training.run_files import MEMORY_BANK, read_memory_bank
+
 FAISS_INDEX = "memory_bank.faiss"
 INDEX_KINDS = ("flat", "ivf")
 MAX_K = 1000  # bounded work per request; the paper uses 50
@@ -90,11 +92,9 @@ class FaissMemoryBank:
     @classmethod
     def load(cls, folder: Path, temperature: float | None = None) -> FaissMemoryBank:
         """The bank in ``folder``: its FAISS index file and the labels and ids of the bank of record."""
-        from training.knn import MEMORY_BANK, MemoryBank
-
-        bank = MemoryBank.load(Path(folder) / MEMORY_BANK)
+        _, labels, ids, num_classes = read_memory_bank(Path(folder) / MEMORY_BANK, "np")
         index = _faiss().read_index(str(Path(folder) / FAISS_INDEX))
-        return cls(index, bank.labels.numpy(), bank.ids.numpy(), bank.num_classes, temperature)
+        return cls(index, labels, ids, num_classes, temperature)
 
     def search(self, queries: np.ndarray, k: int) -> Neighbours:
         similarities, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)

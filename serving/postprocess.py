@@ -10,7 +10,7 @@ reply body per request (the fields of DESIGN.md's replies beyond model, version 
 * ``neighbours`` (kNN): ``[{"id", "label", "name", "similarity"}]``, most similar first.
 
 Each must predict what the mode's module predicts (``ServingMode.module``); the serving tests
-compare them on real images.
+compare them on real images. All are numpy: a worker on the ONNX backend never imports torch.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from training.dummy_classes import ClassPairing, recover_dummy_classes, recovered_scores
+from training.pairing import ClassPairing
 
 from .knn_index import FaissMemoryBank, Neighbours
 
@@ -113,13 +112,14 @@ def _dummy_signal(raw_top: int, ctx: ModelContext) -> dict[str, Any]:
 
 @postprocessor("recover_dummy_classes")
 def recover(outputs: np.ndarray, options: Sequence[RequestOptions], ctx: ModelContext) -> list[Reply]:
-    """DUCAT ``recovered``: Eq. 6 with the stored pairing; probabilities over the recovered C scores."""
+    """DUCAT ``recovered``: Eq. 6 with the stored pairing; probabilities over the recovered C scores. The numpy
+    form of ``training.dummy_classes.recover_dummy_classes`` (the prediction) and ``recovered_scores``."""
     assert ctx.pairing is not None
-    logits = torch.from_numpy(outputs)
-    predicted, _ = recover_dummy_classes(logits, ctx.pairing)
-    scores = recovered_scores(logits, ctx.pairing.dummy_index(logits.device)).numpy()
+    raw_top = outputs.argmax(1)
+    predicted = np.asarray(ctx.pairing.real_class_of)[raw_top]
+    scores = np.maximum(outputs[:, :ctx.pairing.num_classes], outputs[:, list(ctx.pairing.dummy_of)])
     replies = []
-    for p, pred, raw, o in zip(softmax(scores), predicted.tolist(), outputs.argmax(1), options, strict=True):
+    for p, pred, raw, o in zip(softmax(scores), predicted.tolist(), raw_top, options, strict=True):
         reply = ranked(p, ctx.class_names, o.top_k, prediction=pred)
         reply["signal"] = _dummy_signal(int(raw), ctx)
         replies.append(reply)

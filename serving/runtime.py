@@ -14,10 +14,16 @@ not take, a parameter given more than once (in two places, or twice in one) and 
 refused with a 400 that names them. Valid requests are grouped by mode and each group runs as one batch
 through the backend (PyTorch eager or ONNX Runtime), then through the mode's post-processing
 (``serving.postprocess``). Another engine (Triton, KServe, Ray Serve) can mount this class as it is.
+
+On the ONNX backend (the default) the runtime needs onnxruntime, numpy, Pillow (and FAISS for a kNN mode):
+it imports neither torch nor the training stack (only ``TorchBackend`` does, when it is chosen) and reads
+archives with the torch-free ``training.run_files``, ``training.onnx_io`` and ``training.pairing``.
+``tests/test_runtime_imports.py`` holds it to that.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import reprlib
 from collections.abc import Mapping, Sequence
@@ -26,11 +32,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
-from training.dummy_classes import ClassPairing
 from training.errors import RobustServeError
-from training.export import EXPORT_JSON, graph_outputs, onnx_session, sha256_file
+from training.onnx_io import EXPORT_JSON, graph_outputs, onnx_session
+from training.pairing import PAIRING_FILE, ClassPairing, read_pairing
+from training.run_files import read_defense_json, sha256_file
 
 from .decode import InputSpec, RequestError, decode_image, is_json_text, parse_json
 from .knn_index import FaissMemoryBank
@@ -56,6 +62,17 @@ NO_IMAGE = ("no image in the request: send image bytes as the body, JSON {\"imag
 
 class ArchiveError(RobustServeError):
     """A model folder that must not be loaded: missing files or a manifest mismatch."""
+
+
+def cuda_available() -> bool:
+    """Whether the CUDA driver sees a GPU: what ``torch.cuda.is_available()`` answers, asked of the driver itself,
+    so that a worker on the ONNX backend need not import torch (over a second and ~650 MiB) to learn it."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:  # no NVIDIA driver
+        return False
+    count = ctypes.c_int(0)
+    return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
 def write_manifest(folder: Path) -> dict[str, str]:
@@ -120,7 +137,8 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """The eager modules: the run's weights rebuilt by the project's model code."""
+    """The eager modules: the run's weights rebuilt by the project's model code. Only this backend imports torch
+    and the training stack, when it is chosen."""
 
     def __init__(self, folder: Path, modes: Sequence[str], device: str) -> None:
         from training.runs import load_run
@@ -129,9 +147,11 @@ class TorchBackend:
         self.graphs = {name: all_modes[name].exported.eval() for name in modes}
         self.device = device
 
-    @torch.no_grad()
     def run(self, mode: str, pixels: np.ndarray) -> np.ndarray:
-        return self.graphs[mode](torch.from_numpy(pixels).to(self.device)).float().cpu().numpy()
+        import torch
+
+        with torch.no_grad():
+            return self.graphs[mode](torch.from_numpy(pixels).to(self.device)).float().cpu().numpy()
 
 
 class OnnxBackend:
@@ -150,7 +170,7 @@ BACKEND_CLASSES: dict[str, type] = {"onnx": OnnxBackend, "torch": TorchBackend}
 
 @dataclass
 class Request:
-    pixels: torch.Tensor  # [C, H, W]
+    pixels: np.ndarray  # [C, H, W] float32
     options: RequestOptions
 
 
@@ -216,28 +236,23 @@ class Runtime:
     """One served model: request options and payloads in, replies out."""
 
     def __init__(self, folder: str | Path, *, backend: str | None = None, device: str | None = None) -> None:
-        from training.runs import read_defense_json
-        from training.dummy_classes import PAIRING_FILE, read_pairing
-        from training.runs import spec_from_info
-
         self.folder = Path(folder)
         verify_manifest(self.folder)
         self.served = ServedInfo.read(self.folder)
         self.info = read_defense_json(self.folder)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or ("cuda" if cuda_available() else "cpu")
         self.backend_name = backend or self.served.backend
         if self.backend_name not in BACKENDS:
             raise ArchiveError(f"unknown backend {self.backend_name!r}; known: {', '.join(BACKENDS)}")
         self.backend: Backend = BACKEND_CLASSES[self.backend_name](self.folder, self.served.modes, self.device)
-        spec = spec_from_info(self.info)
-        self.input_spec = InputSpec(shape=tuple(spec.input_shape))  # type: ignore[arg-type]
+        self.input_spec = InputSpec(shape=tuple(self.info["input_shape"]))  # type: ignore[arg-type]
         exported = json.loads((self.folder / EXPORT_JSON).read_text())["modes"]
         self.postprocess = {mode: exported[mode]["postprocess"] for mode in self.served.modes}
         pairing_path, bank = self.folder / PAIRING_FILE, None
         if "knn" in self.postprocess.values():
             bank = FaissMemoryBank.load(self.folder, self.served.knn_temperature)
         pairing = read_pairing(pairing_path) if pairing_path.is_file() else None
-        self.context = ModelContext(tuple(spec.class_names), pairing, bank)
+        self.context = ModelContext(tuple(self.info["classes"]), pairing, bank)
         # The modes packaging left out, and any this archive lists that the rule withholds (an archive packaged
         # before the rule): it holds here, where the model is served.
         self.withheld = {**self.served.extra.get("withheld_modes", {}), **withheld_modes(
@@ -342,7 +357,7 @@ class Runtime:
         for i, request in enumerate(requests):
             groups.setdefault(request.options.mode, []).append(i)
         for mode, members in groups.items():
-            pixels = torch.stack([requests[i].pixels for i in members]).numpy().astype(np.float32, copy=False)
+            pixels = np.stack([requests[i].pixels for i in members]).astype(np.float32, copy=False)
             outputs = self.backend.run(mode, pixels)
             bodies = POSTPROCESSORS[self.postprocess[mode]](outputs, [requests[i].options for i in members],
                                                              self.context)

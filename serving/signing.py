@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from training.checkpoint import write_json
 from training.errors import RobustServeError, cannot_write
-from training.export import sha256_file
+from training.run_files import sha256_file
 
 SIGNATURE_SUFFIX = ".sig"
 SIGNING_KEY, VERIFY_KEY = "signing_key.pem", "verify_key.pem"

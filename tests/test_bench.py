@@ -1,4 +1,4 @@
-"""serving/bench.py: the benchmark dicts are complete and self-consistent (tiny sizes, CPU)."""
+"""serving/bench/compute.py and common.py: the benchmark dicts are complete and self-consistent (tiny sizes, CPU)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from serving.bench import BenchmarkError, bench_at_step, bench_attacks, format_table
+from serving.bench.common import BenchmarkError, format_table
+from serving.bench.compute import bench_at_step, bench_attacks
 
 HAS_TORCHATTACKS = importlib.util.find_spec("torchattacks") is not None
 

@@ -1,4 +1,4 @@
-"""serving/bench_serve.py: `robustserve bench serve` on tiny runs, quick mode, a real TorchServe.
+"""serving/bench/serve.py: `robustserve bench serve` on tiny runs, quick mode, a real TorchServe.
 
 The figures are timings of a shared machine, so nothing here judges a speed: the dict must be
 complete and self-consistent (percentiles ordered, every ratio the ratio of its parts, recalls in
@@ -17,8 +17,9 @@ import pytest
 
 from helpers import processes_started_from
 
-from serving import bench_serve as bs
-from serving.bench import BENCHMARKS, format_table
+from serving.bench import BENCHMARKS
+from serving.bench import serve as bs
+from serving.bench.common import KNN_K, RECIPES, find_runs, format_table
 from serving.client import Client
 from training.errors import ConfigError
 
@@ -53,7 +54,7 @@ def approx(value):
 
 
 def test_registered_and_plain_data(result):
-    assert BENCHMARKS["serve"] is bs.bench_serve
+    assert BENCHMARKS["serve"].run is bs.run
     json.dumps(result)
     table = format_table(result, title="bench serve")
     assert "e2e_over_forward" in table and "dhat head=both" in table
@@ -136,7 +137,7 @@ def test_knn_flat_against_ivf(result, served_runs):
     from training.knn import MEMORY_BANK, MemoryBank
 
     knn = result["knn"]
-    assert knn["faiss_threads"] >= 1 and knn["k"] == bs.KNN_K
+    assert knn["faiss_threads"] >= 1 and knn["k"] == KNN_K
     real_size = len(MemoryBank.load(served_runs["that"] / MEMORY_BANK))
     banks = {name: figures for name, figures in knn.items() if isinstance(figures, dict)}
     assert set(banks) == {f"real bank ({real_size})", "synthetic (20000)"}
@@ -162,12 +163,12 @@ def test_knn_flat_against_ivf(result, served_runs):
 
 
 def test_find_runs_by_folder_name(served_runs, tmp_path):
-    for recipe in bs.RECIPES:
+    for recipe in RECIPES:
         (tmp_path / f"{recipe}-quick-fashion_mnist-smallcnn").symlink_to(served_runs[recipe])
-    assert bs.find_runs(tmp_path) == {r: tmp_path / f"{r}-quick-fashion_mnist-smallcnn" for r in bs.RECIPES}
+    assert find_runs(tmp_path) == {r: tmp_path / f"{r}-quick-fashion_mnist-smallcnn" for r in RECIPES}
     (tmp_path / "ducat-quick-fashion_mnist-smallcnn").unlink()
     with pytest.raises(ConfigError, match="finished ducat run"):
-        bs.find_runs(tmp_path)
+        find_runs(tmp_path)
 
 
 def test_a_failure_while_serving_stops_the_server(served_runs, tmp_path):

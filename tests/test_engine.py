@@ -130,15 +130,18 @@ def test_learning_rate_schedules() -> None:
 
 
 def test_bf16_autocast_only_where_native(tmp_path):
-    from training.devices import bf16_autocast, cpu_has_native_bf16
+    from training.devices import attack_autocast, cpu_has_native_bf16, step_autocast
 
     amx, plain = tmp_path / "amx", tmp_path / "plain"
     amx.write_text("flags\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n")
     plain.write_text("flags\t: fpu sse2 avx2\n")
     assert cpu_has_native_bf16(amx) and not cpu_has_native_bf16(plain)
     assert not cpu_has_native_bf16(tmp_path / "missing")
-    with bf16_autocast(torch.device("cpu"), enabled=False):
+    cpu = torch.device("cpu")
+    with attack_autocast(cpu, enabled=False):
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
-    with bf16_autocast(torch.device("cpu")):
+    with attack_autocast(cpu):  # crafting attacks: bf16 where the CPU has it natively
         expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == expected
+    with step_autocast(cpu):  # weight updates: float32 on every CPU
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32

@@ -1,6 +1,6 @@
 """Faults: load and a worker killed with SIGKILL on a real TorchServe; full and read-only disks; bad data and settings.
 
-* ``robustserve bench load`` (``serving.bench_load``) runs briefly against the tiny served runs: every
+* ``robustserve bench load`` (``serving.bench.load``) runs briefly against the tiny served runs: every
   request of the load answered 200, figures self-consistent; then the same load with pgd_at's worker
   killed: a new worker (new pid, a child of the frontend), the model answering 200 again within the
   recovery timeout, and every failed request counted by status and endpoint.
@@ -34,8 +34,9 @@ import pytest
 
 from helpers import processes_started_from, tiny_config
 
-from serving import bench_load as bl
-from serving.bench import BENCHMARKS, format_table
+from serving.bench import BENCHMARKS, common
+from serving.bench import load as bl
+from serving.bench.common import format_table
 from training.checkpoint import load_tensors
 from training.engine import train
 from training.errors import ConfigError
@@ -103,7 +104,7 @@ def check_phase(figures: dict) -> None:
 
 @pytest.mark.slow
 def test_load_answers_every_request_with_consistent_figures(load):
-    assert BENCHMARKS["load"] is bl.bench_load
+    assert BENCHMARKS["load"].run is bl.run
     assert load["settings"]["clients"] == CLIENTS and load["settings"]["seconds"] == SECONDS
     assert load["warmup"]["requests"] == len(LOAD_ENDPOINTS) and load["warmup"]["failed"] == 0
     assert load["failed"] == 0, load["failure_examples"]
@@ -132,9 +133,9 @@ def test_a_killed_worker_is_replaced_and_failures_are_counted(load):
 
 
 def test_failures_are_counted_by_status_and_endpoint():
-    replies = [bl.Reply("a", 0.0, 0.010, 200), bl.Reply("a", 0.0, 0.020, 507, "{}"),
-               bl.Reply("b", 0.5, 0.530, bl.NO_REPLY, "connection refused"), bl.Reply("b", 0.6, 1.0, 200)]
-    points = [bl.Endpoint("a", "m"), bl.Endpoint("b", "m", {"head": "both"})]
+    replies = [common.Reply("a", 0.0, 0.010, 200), common.Reply("a", 0.0, 0.020, 507, "{}"),
+               common.Reply("b", 0.5, 0.530, common.NO_REPLY, "connection refused"), common.Reply("b", 0.6, 1.0, 200)]
+    points = [common.Endpoint("a", "m"), common.Endpoint("b", "m", {"head": "both"})]
     figures = bl.summarize(replies, points)
     assert figures["requests"] == 4 and figures["ok"] == 2 and figures["failed"] == 2
     assert figures["failed_by_status"] == {"0": 1, "507": 1} and figures["failed_by_endpoint"] == {"a": 1, "b": 1}

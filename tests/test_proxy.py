@@ -53,7 +53,7 @@ def keys(served) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def image(served_runs) -> bytes:
-    from serving.bench_serve import eval_images
+    from serving.bench.common import eval_images
 
     return eval_images(served_runs["pgd_at"], 1)[1][0]
 

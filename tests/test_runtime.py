@@ -287,7 +287,7 @@ def test_an_archive_listing_raw_with_a_secret_pairing_still_does_not_serve_it(se
     assert served["modes"] == ["recovered", "raw"]
     (folder / "served.json").write_text(json.dumps({**served, "extra": {}}))
     manifest = json.loads((folder / MANIFEST_JSON).read_text())
-    from training.export import sha256_file
+    from training.run_files import sha256_file
 
     manifest["sha256"]["served.json"] = sha256_file(folder / "served.json")
     (folder / MANIFEST_JSON).write_text(json.dumps(manifest))

@@ -23,7 +23,8 @@ from training.models.two_head import (CleanEncoder, CosineClassifier, FeatureQue
                                       TwoHeadNet)
 from training.recipes import get_recipe
 from training.recipes.base import StepContext
-from training.recipes.that import contrastive_loss, random_wrong_classes
+from training.recipes.that import (contrastive_loss, contrastive_view, instance_contrastive_loss,
+                                   random_wrong_classes)
 from training.runs import load_run
 
 RECIPE = get_recipe("that")
@@ -339,6 +340,7 @@ def test_paper_preset_matches_the_paper() -> None:
     assert (params["nce_weight"], params["contrastive_weight"]) == (1.0, 1.0)  # Algorithm 1, Eq. 7
     assert params["free_replays"] == 0 and params["knn_temperature"] is None  # Eq. 8: similarity weights
     assert params["bank_features"] == "clean" and params["bank_size"] is None  # Sec. 3: all training samples
+    assert params["clean_objective"] == "instance"  # MoCo v2 [7]: instance discrimination without labels
     assert [stage.name for stage in RECIPE.stages(config)] == ["clean_encoder", "robust"]
     assert RECIPE.bases == ()
 
@@ -353,3 +355,37 @@ def test_quick_pipeline_trains_both_stages_and_writes_the_bank(learnable_fashion
     modes = RECIPE.modes(run.model, run_dir)
     assert list(modes) == ["classifier", "knn"]
     assert modes["knn"].module(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_instance_contrastive_loss_matches_hand_computation() -> None:
+    views = nn.functional.normalize(torch.randn(6, 4), dim=1)  # rows i and i + 3: two views of image i
+    tau = 0.5
+    total = 0.0
+    for i in range(6):
+        twin = (i + 3) % 6
+        others = [j for j in range(6) if j != i]
+        logits = torch.stack([views[i] @ views[j] / tau for j in others])
+        total += -(logits[others.index(twin)] - torch.logsumexp(logits, 0))
+    assert instance_contrastive_loss(views, tau).item() == pytest.approx(total.item() / 6, rel=1e-5)
+    twins = torch.cat([views[:3], views[:3]])  # each view identical to its twin: the easiest batch there is
+    assert instance_contrastive_loss(twins, tau) < instance_contrastive_loss(views, tau)
+
+
+def test_contrastive_views_are_random_images_in_range() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 28, 28)
+    a, b = contrastive_view(x), contrastive_view(x)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert not torch.allclose(a, b)  # two draws, two views
+
+
+def test_instance_objective_trains_the_clean_encoder_without_labels(learnable_fashion_mnist, tmp_path) -> None:
+    config = RECIPE.config("quick", epochs=1, batch_size=25, train_subset=100, val_size=50, attack_steps=1,
+                           val_attack_steps=2, params={"queue_size": 64, "clean_objective": "instance"},
+                           stages={"clean_encoder": {"batch_size": 25}})
+    run_dir = train(config, tmp_path / "that", progress=False)
+    run = load_run(run_dir)
+    assert run.model.clean_encoder.prototypes is None  # no class weights: g never sees a label
+    clean_stage = run.info["stages"][0]
+    assert clean_stage["name"] == "clean_encoder" and clean_stage["history"][0]["train_acc"] is None
+    assert MemoryBank.load(run_dir / MEMORY_BANK).features.shape == (600, 128)

@@ -16,16 +16,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 
-from .errors import RobustServeError, cannot_write
+from .errors import CheckpointError, cannot_write
+from .run_files import read_tensors
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-class CheckpointError(RobustServeError):
-    """A checkpoint or run folder cannot be used; the message names the fix."""
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], *, mode: int | None = None) -> None:
@@ -84,15 +81,8 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get("state")
-        return load_file(str(path)), (json.loads(raw) if raw else None)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # what safetensors raises for corrupt files
-        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {err}") from err
+    """A checkpoint's tensors and the state stored with them (``save_tensors``)."""
+    return read_tensors(path, "pt")
 
 
 def model_tensors(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -114,14 +104,6 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
             state.setdefault(int(index), {})[name] = value
     current = optimizer.state_dict()
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_digest(model: torch.nn.Module) -> str:

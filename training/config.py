@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 from .errors import ConfigError
@@ -49,7 +48,7 @@ class TrainConfig:
     params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
-    amp: bool = True  # bf16 autocast where it is native: CUDA, and CPUs with AMX or AVX512-BF16 (training.devices)
+    amp: bool = True  # bf16 autocast: whole steps on CUDA; training attacks on CPUs with AMX or AVX512-BF16 (training.devices)
     channels_last: bool = True  # on CUDA only
     workers: int = 0
 
@@ -73,6 +72,3 @@ class TrainConfig:
     def for_stage(self, name: str) -> TrainConfig:
         """The settings of stage ``name``: these with its ``stages[name]`` overrides applied."""
         return self.updated(self.stages.get(name, {}))
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

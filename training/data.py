@@ -107,6 +107,15 @@ def load_dataset(
     return info.loader(split, None if root is None else Path(root), download, **options)
 
 
+def plain_train_set(name: str, root: str | Path | None = None) -> tuple[Dataset, DatasetSpec]:
+    """The training split without per-item augmentation (an ImageFolder augments as it reads): what
+    validation and the artifacts built from training images (THAT's memory bank) must see."""
+    dataset, spec = load_dataset(name, "train", root=root)
+    if spec.augment is None:
+        dataset = load_dataset(name, "train", root=root, augment=False)[0]
+    return dataset, spec
+
+
 def default_root(root: Path | None) -> Path:
     """``root`` if given, else $ROBUSTSERVE_DATA, else ``data/`` relative to the current directory."""
     return root if root is not None else Path(os.environ.get("ROBUSTSERVE_DATA", "data"))

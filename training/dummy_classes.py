@@ -3,10 +3,11 @@
 A DUCAT network has 2C outputs: the C real classes and one dummy class per real class. This
 module holds everything about that layout that training, evaluation and the serving runtime share:
 
-* ``ClassPairing``: which output in [C, 2C) is the dummy class of each real class k. The paper
-  draws them as k -> k + C but notes (Section 3.1) that the correspondence may be any secret
-  one-to-one map, kept out of the network so that an attacker who sees the 2C logits does not know
-  it. It is stored next to the weights as ``pairing.json`` (``PAIRING_FILE``).
+* ``ClassPairing`` (``training.pairing``, torch-free): which output in [C, 2C) is the dummy class of
+  each real class k. The paper draws them as k -> k + C but notes (Section 3.1) that the
+  correspondence may be any secret one-to-one map, kept out of the network so that an attacker who
+  sees the 2C logits does not know it. It is stored next to the weights as ``pairing.json``
+  (``PAIRING_FILE``).
 * the soft labels of Eq. 8 and the DUCAT objective of Eq. 9/10, plus its plug-ins into TRADES,
   MART and Consistency-AT (pure functions of logits; the training loop lives in the recipe),
 * the run-time recovery of Eq. 6 (a prediction in a dummy class counts for its real class and
@@ -18,83 +19,22 @@ module holds everything about that layout that training, evaluation and the serv
 from __future__ import annotations
 
 import itertools
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, write_json
+from .checkpoint import write_json
 from .losses import jensen_shannon, kl_clean_to_adv
-
-PAIRING_FILE = "pairing.json"  # in a DUCAT run folder: {"dummy_of": ClassPairing.to_list()}
-
-
-@dataclass(frozen=True)
-class ClassPairing:
-    """``dummy_of[k]``: the output index in [C, 2C) of real class k's dummy class."""
-
-    dummy_of: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        c = len(self.dummy_of)
-        if c < 1 or sorted(self.dummy_of) != list(range(c, 2 * c)):
-            raise ValueError(f"a class pairing maps the C real classes one-to-one onto the outputs "
-                             f"C..2C-1; got {list(self.dummy_of)}")
-
-    @property
-    def num_classes(self) -> int:
-        """C, the number of real classes."""
-        return len(self.dummy_of)
-
-    @property
-    def is_identity(self) -> bool:
-        return self.dummy_of == tuple(range(self.num_classes, 2 * self.num_classes))
-
-    @classmethod
-    def identity(cls, num_classes: int) -> ClassPairing:
-        """The paper's layout (and its authors' code): class k's dummy is output k + C."""
-        return cls(tuple(range(num_classes, 2 * num_classes)))
-
-    @classmethod
-    def random(cls, num_classes: int, seed: int) -> ClassPairing:
-        """A secret pairing: a random permutation of the dummy outputs, fixed by ``seed``."""
-        generator = torch.Generator().manual_seed(seed)
-        return cls(tuple((torch.randperm(num_classes, generator=generator) + num_classes).tolist()))
-
-    def to_list(self) -> list[int]:
-        return list(self.dummy_of)
-
-    @classmethod
-    def from_list(cls, dummy_of: list[int]) -> ClassPairing:
-        return cls(tuple(int(k) for k in dummy_of))
-
-    def dummy_index(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """``dummy_of`` as a long tensor: ``logits[:, dummy_index]`` are the dummy logits in real-class order."""
-        return torch.tensor(self.dummy_of, dtype=torch.long, device=device)
-
-    def real_class_index(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """For each of the 2C outputs, the real class it counts for (the projection of Eq. 6)."""
-        real_of = list(range(2 * self.num_classes))
-        for k, dummy in enumerate(self.dummy_of):
-            real_of[dummy] = k
-        return torch.tensor(real_of, dtype=torch.long, device=device)
+# The pairing's data part, torch-free for the serving runtime; imported by DUCAT's recipe and tests from here.
+from .pairing import PAIRING_FILE, ClassPairing, read_pairing  # noqa: F401
 
 
 def write_pairing(path: Path, pairing: ClassPairing) -> None:
     """Store ``pairing`` at ``path`` (a ``PAIRING_FILE``) atomically and readable by its owner only: a secret
     pairing is part of the defense, and anyone who reads it can attack the recovered scores directly."""
     write_json(Path(path), {"dummy_of": pairing.to_list()}, mode=0o600)
-
-
-def read_pairing(path: Path) -> ClassPairing:
-    """The pairing stored at ``path`` (a ``PAIRING_FILE``)."""
-    try:
-        return ClassPairing.from_list(json.loads(Path(path).read_text())["dummy_of"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path} does not hold a DUCAT class pairing: {err}") from err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from .attacks.attacks import PGD, accuracy
 from .checkpoint import (CheckpointError, load_optimizer_tensors, load_tensors, model_tensors, optimizer_tensors,
                          save_tensors, weights_digest, write_json)
 from .config import TrainConfig
-from .data import DatasetSpec, load_dataset
-from .devices import bf16_autocast, default_device
+from .data import DatasetSpec, load_dataset, plain_train_set
+from .devices import attack_autocast, default_device, step_autocast
 from .recipes import Recipe, Stage, StepContext, get_recipe
 from .runs import (BEST, DEFENSE_JSON, LAST, RUNS_ROOT, LoadedRun, base_config, defense_info, load_run, resolve_base_run,
                    run_dir_for, run_finished, stage_best_file)
@@ -63,6 +63,10 @@ class Distributed:
         """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them training is single-process."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def seed_epoch(seed: int, epoch: int) -> torch.Generator:
@@ -112,10 +116,7 @@ class Trainer:
         if config.batch_size % self.dist.world_size:
             raise ConfigError(f"--batch-size {config.batch_size} must be a multiple of the {self.dist.world_size} DDP processes")
         self.split = Split.make(len(self.train_set), config)
-        # A dataset that augments per item (ImageFolder) is read again without augmentation for
-        # validation and for the artifacts a recipe builds from training images.
-        self.plain_train_set = self.train_set if self.spec.augment is not None else load_dataset(
-            config.dataset, "train", root=config.data_root, augment=False)[0]
+        self.plain_train_set = plain_train_set(config.dataset, config.data_root)[0]
         self.val_x, self.val_y = _stack(self.plain_train_set, self.split.val)
         torch.manual_seed(config.seed)  # the initial weights, identical on every DDP rank
         self.module: nn.Module = self.recipe.build_model(self.spec, config)
@@ -216,7 +217,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        return bf16_autocast(self.device, self.config.amp)
+        return step_autocast(self.device, self.config.amp)
 
     def _batches(self, config: TrainConfig, generator: torch.Generator) -> DataLoader:
         order = self.split.train[torch.randperm(len(self.split.train), generator=generator)]
@@ -233,7 +234,7 @@ class Trainer:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self._on_cuda(self.config.channels_last) else x
 
-    def train_epoch(self, model: nn.Module, index: int, epoch: int) -> dict[str, float]:
+    def train_epoch(self, model: nn.Module, index: int, epoch: int) -> dict[str, float | None]:
         stage = self.stages[index]
         cfg = self.config.for_stage(stage.name)
         # Each (stage, epoch) has its own seed, so a resumed run replays exactly what it missed.
@@ -242,6 +243,7 @@ class Trainer:
         ctx = StepContext(model=model, module=self.module, config=cfg, augment=self._augment, epoch=epoch)
         self._train_mode(index)
         seen = correct = 0
+        scored = True  # False once the stage's loss gives no class scores (a self-supervised stage)
         loss_sum = 0.0
         label = f"{self.config.recipe}/{stage.name}" if len(self.stages) > 1 else self.config.recipe
         bar = tqdm(loader, desc=f"{label} epoch {epoch + 1}/{cfg.epochs}",
@@ -257,11 +259,14 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             seen += y.shape[0]
-            correct += (logits.argmax(1) == y).sum().item()
+            if logits is None:
+                scored = False
+            else:
+                correct += (logits.argmax(1) == y).sum().item()
             loss_sum += loss.item() * y.shape[0]
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
         bar.close()
-        return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
+        return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1) if scored else None}
 
     def validate(self, index: int) -> dict[str, float]:
         """Clean and PGD accuracy of the stage's serving mode on the held-out training images."""
@@ -269,9 +274,9 @@ class Trainer:
         modes = self.recipe.modes(self.module)
         mode = modes[self.stages[index].validate_mode or next(iter(modes))].module
         torch.manual_seed(cfg.seed)  # the same PGD starts every epoch, so epochs compare fairly
+        with attack_autocast(self.device, cfg.amp):
+            x_adv = PGD(mode, eps=cfg.eps, steps=cfg.val_attack_steps)(self.val_x, self.val_y)
         with self._autocast():
-            attack = PGD(mode, eps=cfg.eps, steps=cfg.val_attack_steps)
-            x_adv = attack(self.val_x, self.val_y)
             return {"val_clean_acc": accuracy(mode, self.val_x, self.val_y),
                     "val_robust_acc": accuracy(mode, x_adv, self.val_y)}
 
@@ -332,7 +337,7 @@ class Trainer:
             if self.dist.is_main:
                 self._save(index, improved)
             self._log(f"{prefix}epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
-                      f"train acc {metrics['train_acc']:.4f}  val clean {metrics['val_clean_acc']:.4f}  "
+                      f"train acc {_figure(metrics['train_acc'])}  val clean {metrics['val_clean_acc']:.4f}  "
                       f"val PGD-{self.config.val_attack_steps} {metrics['val_robust_acc']:.4f}  "
                       f"({metrics['seconds']:.1f}s){'  *best' if improved else ''}")
         if self.dist.world_size > 1:

@@ -13,6 +13,10 @@ class ConfigError(RobustServeError, ValueError):
     """An unknown name (recipe, preset, architecture, dataset, attack) or an invalid setting."""
 
 
+class CheckpointError(RobustServeError):
+    """A checkpoint or run folder cannot be used; the message names the fix."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (RobustServeError,)
 
 

@@ -50,10 +50,11 @@ from torch import nn
 
 from .attacks.attacks import PGD, AutoAttackStandard, correct_flags, summarize_check_warnings
 from .attacks.core import OBJECTIVES, attack_mode
-from .checkpoint import atomic_write, sha256_file, weights_digest, write_json
+from .checkpoint import atomic_write, weights_digest, write_json
 from .devices import default_device
 from .errors import ConfigError
 from .recipes import ServingMode, get_recipe
+from .run_files import sha256_file
 from .runs import (CURVES_PNG, REPORT_JSON, REPORT_MD, ROWS_DIR, TEST_SUBSET_SEED, base_run_dir, load_run,
                    load_test_subset, train_seconds)
 from .stats import format_difference, format_proportion, paired_difference, proportion

@@ -12,7 +12,8 @@ A graph is accepted only when, on real test images of the run's dataset, ONNX Ru
 within ``MAX_ABS_DIFF`` of PyTorch's and the mode's predictions (``ServingMode.scores`` of each
 output, argmax) are identical. Everything lands in ``run_dir/export/``; ``export.json`` records the
 checks, the weights' SHA-256 and the tool versions, and is written last, so a folder with an
-``export.json`` is a complete, checked export.
+``export.json`` is a complete, checked export. The graphs' input and output names and running them
+are ``training.onnx_io``, which the serving runtime shares without importing this module.
 """
 
 from __future__ import annotations
@@ -23,17 +24,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, atomic_write, sha256_file, write_json
+from .checkpoint import CheckpointError, atomic_write, write_json
 from .errors import RobustServeError
+from .onnx_io import EXPORT_JSON, INPUT_NAME, OUTPUT_NAME, graph_outputs, onnx_session
 from .recipes import ServingMode
+from .run_files import sha256_file
 from .runs import BEST, load_run, load_test_subset
 
 EXPORT_DIR = "export"
-EXPORT_JSON = "export.json"
-INPUT_NAME, OUTPUT_NAME = "pixels", "scores"
 MAX_ABS_DIFF = 1e-3  # float32 graphs: observed differences are ~1e-6 on logits
 PARITY_IMAGES = 64
 EXPORT_FORMAT = 1  # bumped when export.json changes shape; an older export is redone
@@ -53,24 +53,11 @@ def onnx_bytes(module: torch.nn.Module, example: torch.Tensor) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-def onnx_session(model: bytes | str | Path, device: str = "cpu") -> Any:
-    """An ONNX Runtime session, on the CUDA provider when ``device`` is a GPU and onnxruntime has it."""
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unused initialisers are noise here
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, sess_options=options, providers=providers)
-
-
 def _check_parity(mode_name: str, mode: ServingMode, graph: bytes, x: torch.Tensor) -> dict[str, Any]:
     with torch.no_grad():
         expected = mode.exported(x)
         expected_prediction = mode.module(x).argmax(1)
-    got = torch.from_numpy(onnx_session(graph).run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+    got = torch.from_numpy(graph_outputs(onnx_session(graph), x.numpy()))
     with torch.no_grad():
         got_prediction = mode.scores(got).argmax(1)
     max_abs_diff = float((got - expected).abs().max())
@@ -124,9 +111,4 @@ def current_export(run_dir: str | Path) -> dict[str, Any] | None:
     record = json.loads(path.read_text())
     current = record.get("format") == EXPORT_FORMAT and record.get("weights_sha256") == sha256_file(Path(run_dir) / BEST)
     return record if current else None
-
-
-def graph_outputs(session: Any, x: np.ndarray) -> np.ndarray:
-    """Run an exported graph on a batch of pixels."""
-    return session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
 

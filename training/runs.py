@@ -14,11 +14,12 @@ A run folder ``runs/<recipe>-<preset>-<dataset>-<arch>`` holds
 
 Everything that needs a run folder (training, evaluation, export, packaging, the demo, the
 benchmarks) asks this module; none of them needs the training engine to find or read one.
+Reading ``defense.json`` lives in the torch-free ``training.run_files`` (imported here), which the
+serving worker uses instead of this module and its imports.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from .config import TrainConfig
 from .data import DatasetSpec, load_dataset
 from .errors import ConfigError
 from .recipes import ServingMode, get_recipe
+from .run_files import DEFENSE_JSON, read_defense_json
 
 if TYPE_CHECKING:
     from .recipes import Recipe, Stage
@@ -38,7 +40,6 @@ if TYPE_CHECKING:
 RUNS_ROOT = Path("runs")
 LAST = "last.safetensors"
 BEST = "best.safetensors"
-DEFENSE_JSON = "defense.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 CURVES_PNG = "curves.png"
@@ -69,13 +70,6 @@ def stage_best_file(stages: list[Stage], index: int) -> str:
     """Where a stage keeps its best weights: ``best.safetensors`` (served) for the last stage,
     ``best-<stage>.safetensors`` (the start of the next stage) for earlier ones."""
     return BEST if index == len(stages) - 1 else f"best-{stages[index].name}.safetensors"
-
-
-def read_defense_json(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / DEFENSE_JSON
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a training run (no {DEFENSE_JSON}); train one with `robustserve train`")
-    return json.loads(path.read_text())
 
 
 def run_finished(run_dir: Path) -> bool:

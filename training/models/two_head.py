@@ -84,18 +84,19 @@ def _drop_linear_classifier(backbone: StagedNet) -> int:
 class CleanEncoder(nn.Module):
     """g(X; W_c): backbone -> projection head -> unit-norm 128-D feature.
 
-    ``prototypes`` are the class weights of the supervised objective this project trains the
-    clean encoder with (a cosine classifier over the 128-D feature, see the ``that`` recipe); the
-    paper's self-supervised MoCo v2 encoder has none. ``forward`` never uses them.
+    ``prototypes`` (only when ``num_classes`` is given) are the class weights of the supervised
+    objective the clean encoder may be trained with (a cosine classifier over the 128-D feature, see
+    the ``that`` recipe); the paper's self-supervised MoCo v2 encoder, like our instance-discriminative
+    one, has none. ``forward`` never uses them.
     """
 
-    def __init__(self, backbone: StagedNet, num_classes: int, *, feature_dim: int = FEATURE_DIM,
+    def __init__(self, backbone: StagedNet, num_classes: int | None, *, feature_dim: int = FEATURE_DIM,
                  temperature: float = 0.2) -> None:
         super().__init__()
         dim = _drop_linear_classifier(backbone)
         self.backbone = backbone
         self.projection = ProjectionHead(dim, feature_dim)
-        self.prototypes = CosineClassifier(feature_dim, num_classes, temperature)
+        self.prototypes = CosineClassifier(feature_dim, num_classes, temperature) if num_classes else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels in [0, 1] -> the clean feature v, shape [N, feature_dim], unit norm."""
@@ -103,6 +104,8 @@ class CleanEncoder(nn.Module):
 
     def class_scores(self, x: torch.Tensor) -> torch.Tensor:
         """The prototype logits of the clean encoder's supervised training objective."""
+        if self.prototypes is None:
+            raise ValueError("this clean encoder is trained without labels: it has no class prototypes")
         return self.prototypes(self(x))
 
 
@@ -192,7 +195,7 @@ class FeatureQueue(nn.Module):
         return self.features.clone()
 
 
-Branch = Literal["robust", "clean"]
+Branch = Literal["robust", "clean", "clean_features"]
 
 
 class THATModel(nn.Module):
@@ -200,7 +203,7 @@ class THATModel(nn.Module):
 
     ``forward(x, branch)`` is what a training step differentiates through (so that
     DistributedDataParallel sees it): ``"robust"`` gives ``(u, logits)`` of the robust network,
-    ``"clean"`` the clean encoder's prototype logits. ``clean_features`` is the frozen clean
+    ``"clean"`` the clean encoder's prototype logits, ``"clean_features"`` its features v. ``clean_features`` is the frozen clean
     encoder at work during robust training: no gradient and no BatchNorm update, whatever mode
     the caller left the module in.
     """
@@ -216,7 +219,9 @@ class THATModel(nn.Module):
             return self.robust.both(x)
         if branch == "clean":
             return self.clean_encoder.class_scores(x)
-        raise ValueError(f"branch must be 'robust' or 'clean', got {branch!r}")
+        if branch == "clean_features":
+            return self.clean_encoder(x)
+        raise ValueError(f"branch must be 'robust', 'clean' or 'clean_features', got {branch!r}")
 
     @torch.no_grad()
     def clean_features(self, x: torch.Tensor) -> torch.Tensor:

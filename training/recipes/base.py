@@ -32,13 +32,15 @@ from torch import nn
 from ..attacks.core import Objective, pgd
 from ..config import TrainConfig
 from ..data import DatasetSpec
+from ..devices import attack_autocast
 from ..errors import ConfigError
 from ..models import build_model
 
 if TYPE_CHECKING:
     from ..runs import LoadedRun
 
-Loss = Callable[["StepContext", torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (context, images, labels) -> (loss, class scores for the running accuracy, or None for a loss without them)
+Loss = Callable[["StepContext", torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass
@@ -68,9 +70,10 @@ class StepContext:
         ``target`` (default: the whole model). ``objective`` is a name or a per-sample callable
         ``(logits, y, clean_logits) -> loss``; a targeted attack takes the targets as ``y``."""
         cfg = self.config
-        return pgd(target if target is not None else self.module, x, y, eps=cfg.eps, step_size=cfg.step_size,
-                   steps=cfg.attack_steps, objective=objective, start="trades" if objective == "kl" else "uniform",
-                   clean_logits=clean_logits, targeted=targeted, bn_mode=cfg.attack_bn)  # type: ignore[arg-type]
+        with attack_autocast(x.device, cfg.amp):
+            return pgd(target if target is not None else self.module, x, y, eps=cfg.eps, step_size=cfg.step_size,
+                       steps=cfg.attack_steps, objective=objective, start="trades" if objective == "kl" else "uniform",
+                       clean_logits=clean_logits, targeted=targeted, bn_mode=cfg.attack_bn)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

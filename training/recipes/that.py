@@ -4,14 +4,18 @@ Stages:
 
 1. ``clean_encoder``: trains the clean encoder g (backbone + two-layer projection head to a unit-norm
    128-D feature) on clean images. The paper takes g from a self-supervised MoCo v2 model ([7]:
-   200+ ImageNet epochs of instance discrimination, far beyond a CPU budget, and nothing to load
-   for Fashion-MNIST or CIFAR). Here g is trained *supervised*: a cosine classifier over its 128-D
-   feature with the normalised cross-entropy of Eq. 6 (class prototypes in place of instance
-   keys). This is the paper's own clean comparison model in spirit (R152-Con, "a R152 model
-   [augmented] with a feature head ... trained on clean images", Sec. 4.2), it trains in one
-   short epoch on Fashion-MNIST, and it gives the same kind of space the rest of the method needs: unit-norm
-   features whose inner products are meaningful negatives (Eq. 5) and kNN votes (Eq. 8). The
-   difference to keep in mind: this g has seen labels, MoCo v2's has not.
+   200+ ImageNet epochs of instance discrimination, and nothing to load for Fashion-MNIST or
+   CIFAR). ``clean_objective`` picks how g is trained here:
+
+   * ``"instance"`` (paper and standard presets): instance discrimination as in MoCo v2, in its
+     SimCLR form that needs no momentum encoder: two random views of each image (resized crop, flip,
+     brightness/contrast; ``contrastive_view``) must find each other among the batch's other views
+     (NT-Xent at the contrastive tau). g never sees a label, so same-class images stay apart in its
+     space and Eq. 5 keeps an instance-level signal.
+   * ``"supervised"`` (quick preset): a cosine classifier over the 128-D feature with the normalised
+     cross-entropy of Eq. 6 (class prototypes in place of instance keys). It trains in one short
+     epoch, but it collapses same-class features together, so Eq. 5's positive and its same-class
+     negatives look alike.
 2. ``robust``: g frozen (no gradient, BatchNorm statistics fixed); the robust network f (shared
    backbone + feature head + normalised classifier head) learns Eq. 7:
    ``nce_weight * l_nce(f_cls(x_adv), y) + contrastive_weight * l_cl(f_feat(x_adv); g(x), queue)``,
@@ -34,6 +38,7 @@ transfer attack) and a soft, differentiable kNN vote.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -54,6 +59,7 @@ from .baselines import QUICK, STANDARD
 
 ATTACK_TARGETS = ("random", "none")
 BANK_FEATURES = ("clean", "robust")
+CLEAN_OBJECTIVES = ("instance", "supervised")
 
 
 @dataclass(frozen=True)
@@ -73,9 +79,11 @@ class THATParams:
     bank_features: str  # "clean" (the paper) or "robust": which encoder fills the memory bank
     bank_size: int | None  # None: every training image (the paper); n: the first n (a CPU budget)
     bank_batch_size: int  # images per forward pass when building the bank
+    clean_objective: str  # "instance" (self-supervised, as MoCo v2) or "supervised" (class prototypes)
 
     @classmethod
     def parse(cls, params: dict[str, Any]) -> THATParams:
+        params = {"clean_objective": "supervised", **params}  # runs trained before the choice existed
         names = {f.name for f in fields(cls)}
         if set(params) != names:
             missing, unknown = sorted(names - set(params)), sorted(set(params) - names)
@@ -92,6 +100,8 @@ class THATParams:
             bad.append("free_replays, contrastive_weight and nce_weight must be >= 0")
         if p.attack_target not in ATTACK_TARGETS:
             bad.append(f"attack_target={p.attack_target!r} (use one of {ATTACK_TARGETS})")
+        if p.clean_objective not in CLEAN_OBJECTIVES:
+            bad.append(f"clean_objective={p.clean_objective!r} (use one of {CLEAN_OBJECTIVES})")
         if p.bank_features not in BANK_FEATURES:
             bad.append(f"bank_features={p.bank_features!r} (use one of {BANK_FEATURES})")
         if bad:
@@ -107,6 +117,37 @@ def contrastive_loss(u: torch.Tensor, v: torch.Tensor, negatives: torch.Tensor, 
     """
     logits = torch.cat([(u * v).sum(dim=1, keepdim=True), u @ negatives.T], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(u.shape[0], dtype=torch.long, device=u.device))
+
+
+def instance_contrastive_loss(views: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent, batch mean: ``views`` [2B, D] unit-norm features, rows i and i + B two views of
+    one image; each view's positive is its twin, its negatives the other 2B - 2 views."""
+    n = views.shape[0] // 2
+    similarity = views @ views.T / temperature
+    similarity.fill_diagonal_(float("-inf"))  # a view is not its own positive
+    twins = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(views.device)
+    return F.cross_entropy(similarity, twins)
+
+
+def contrastive_view(x: torch.Tensor, min_area: float = 0.3, jitter: float = 0.4) -> torch.Tensor:
+    """One random view per image for instance discrimination (SimCLR/MoCo v2 augmentations that make
+    sense for grey images): a resized crop of ``min_area``..1 of the image at aspect 3/4..4/3, a
+    horizontal flip half the time, and brightness and contrast scaled by 1 +- ``jitter``."""
+    b = x.shape[0]
+    area = torch.empty(b, device=x.device).uniform_(min_area, 1.0)
+    aspect = torch.exp(torch.empty(b, device=x.device).uniform_(math.log(3 / 4), math.log(4 / 3)))
+    width, height = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
+    flip = torch.where(torch.rand(b, device=x.device) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 1, 1] = width * flip, height
+    theta[:, 0, 2] = (torch.rand(b, device=x.device) * 2 - 1) * (1 - width)  # the crop stays inside the image
+    theta[:, 1, 2] = (torch.rand(b, device=x.device) * 2 - 1) * (1 - height)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    view = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    brightness = 1 + (torch.rand(b, 1, 1, 1, device=x.device) * 2 - 1) * jitter
+    contrast = 1 + (torch.rand(b, 1, 1, 1, device=x.device) * 2 - 1) * jitter
+    mean = view.mean(dim=(1, 2, 3), keepdim=True)
+    return ((view - mean) * contrast + mean * brightness).clamp(0.0, 1.0).to(x.dtype)
 
 
 def random_wrong_classes(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -151,6 +192,7 @@ PAPER: dict[str, Any] = {
         "bank_features": "clean",  # Sec. 3: "all training samples with the clean encoder"
         "bank_size": None,
         "bank_batch_size": 256,
+        "clean_objective": "instance",  # MoCo v2 [7]: instance discrimination, no labels
     },
 }
 
@@ -161,6 +203,8 @@ QUICK_PARAMS: dict[str, Any] = {
     # much weaker than an untargeted one; the paper's free-AT setting is untargeted too.
     "attack_target": "none",
     "bank_batch_size": 1000,
+    # One short clean epoch: class prototypes give a usable space in it, instance discrimination does not.
+    "clean_objective": "supervised",
 }
 
 
@@ -196,7 +240,7 @@ class THAT(Recipe):
         # The standard setting: the clean encoder for 5 clean epochs (cheap), then the robust network
         # for the 15 epochs every adversarial baseline gets, against PGD-AT at the same budget.
         "standard": {**STANDARD, "stages": {"clean_encoder": {"epochs": 5, "select_by": "last"}},
-                     "params": {**QUICK_PARAMS, "bank_batch_size": 1000}},
+                     "params": {**QUICK_PARAMS, "clean_objective": "instance"}},
     }
 
     def build_model(self, spec: DatasetSpec, config: TrainConfig) -> nn.Module:
@@ -205,7 +249,8 @@ class THAT(Recipe):
         # The clean prototypes start at the contrastive tau: the clean space gets the sharpness that
         # Eq. 5 measures it with. (Started at eta = 1 instead, the looser clean clusters made weaker
         # contrastive targets, and robust training on Fashion-MNIST stalled.)
-        clean = CleanEncoder(self.build_backbone(spec, config), spec.num_classes,
+        clean = CleanEncoder(self.build_backbone(spec, config),
+                             spec.num_classes if p.clean_objective == "supervised" else None,
                              temperature=p.contrastive_temperature)
         robust = TwoHeadNet(self.build_backbone(spec, config), temperature=p.nce_temperature)
         return THATModel(clean, robust, FeatureQueue(p.queue_size))
@@ -217,8 +262,15 @@ class THAT(Recipe):
 
     # -- losses ---------------------------------------------------------------------------------
 
-    def clean_loss(self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised CE (Eq. 6) of the clean encoder's prototype logits on clean images."""
+    def clean_loss(self, ctx: StepContext, x: torch.Tensor,
+                   y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The clean encoder's objective on clean images: instance discrimination between two views
+        of each image (no labels, so no running accuracy), or the normalised CE (Eq. 6) of its
+        prototype logits."""
+        p = THATParams.parse(ctx.config.params)
+        if p.clean_objective == "instance":
+            views = ctx.model(torch.cat([contrastive_view(x), contrastive_view(x)]), branch="clean_features")
+            return instance_contrastive_loss(views.float(), p.contrastive_temperature), None
         logits = ctx.model(ctx.augment(x), branch="clean")
         return F.cross_entropy(logits.float(), y), logits
 

@@ -22,48 +22,38 @@ Parts (one function each):
    latency, p50/p99 at 1 and 8 clients, the requests straight to TorchServe and through the proxy taken
    in turns.
 
-Every time comes from ``_timed_calls`` (wall time of each call, ``time.perf_counter``, callables
-interleaved round-robin so that machine noise hits them alike) and ``percentiles``.
+The runs served are ``common.find_runs``' (``--runs``, ``--preset``). Every time comes from
+``common.timed_calls`` (wall time of each call, ``time.perf_counter``, callables interleaved round-robin
+so that machine noise hits them alike) and ``common.percentiles_ms``, or from ``common.send``'s ``Reply``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import functools
-import io
 import itertools
 import os
 import ssl
 import tempfile
 import threading
-import time
-import urllib.parse
-import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from serving import proxy, server
+from serving.client import Client
+from training.environment import describe_environment
 from training.errors import ConfigError
 
-from . import proxy, server
-from .client import Client, ClientError
+from .common import (DHAT, KNN_K, PLAIN, RESNET_MODEL, SERVED_AS, WARMUP, BenchmarkError, Clock, Endpoint, Reply,
+                     add_run_options, endpoints, eval_images, find_runs, given, p50_ms, package_and_extract,
+                     percentiles_ms, send, server_settings, timed)
+from .compute import forward_flops_per_image
 
-# serving.bench registers bench_serve in its BENCHMARKS and re-exports it, so this module imports it lazily.
-
-PLAIN, DHAT, DUCAT, THAT = "pgd_at", "dhat", "ducat", "that"
-RECIPES = (PLAIN, DHAT, DUCAT, THAT)  # the runs served; PGD-AT is also DUCAT's base
-RESNET_MODEL = "natural"  # the ResNet-18 run is served under its recipe's model name
 RESNET_IMAGE_SIZE = ("ROBUSTSERVE_IMAGE_SIZE", "32")  # the ImageFolder loader's image size, for its data
-KNN_K = 50
-# TorchServe dynamic batching as `robustserve serve start` sets it, so the figures are the served system's.
-BATCH_SIZE, MAX_BATCH_DELAY_MS = server.ServerSettings.batch_size, server.ServerSettings.max_batch_delay_ms
-# How the benchmarks serve and send, for their results' settings (bench load's too).
-SERVED_AS = {"batch_size": BATCH_SIZE, "max_batch_delay_ms": MAX_BATCH_DELAY_MS, "workers": server.ServerSettings.workers,
-             "request": "raw PNG body, options in the query string, one urllib connection per request"}
 TEMP_PREFIX = "robustserve-bench-serve-"  # the temporary folder (model store, server state); tests look for it
 TARGETS = {"resnet18_e2e_over_forward": 1.3, "dhat_main_over_flop_prediction": 1.10, "ducat_over_base_infer": 1.05,
            "onnx_over_eager": 1.0, "knn_recall": 0.95, "knn_speedup": 10.0}
@@ -74,28 +64,6 @@ PROXY_TURNS = 2  # direct, proxy, direct, proxy: machine noise hits both alike
 BENCH_PROXY_LIMITS = {"rate_per_s": 100_000, "burst": 100_000, "connections_per_client": 64}
 QUICK = {"requests": 16, "repeats": 10, "knn_sizes": (20_000,), "knn_queries": 50, "nprobes": (1, 4, 4096),
          "resnet_images": (4, 2)}
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    label: str
-    model: str  # TorchServe model name
-    options: Mapping[str, Any] = field(default_factory=dict)  # request parameters (query string)
-    images: str = "fashion"  # which test images it takes
-
-    @functools.cached_property
-    def path(self) -> str:
-        """What a client POSTs the raw image to: ``/predictions/<model>?<options>`` (built once, not per request)."""
-        query = "?" + urllib.parse.urlencode(self.options) if self.options else ""
-        return f"/predictions/{self.model}{query}"
-
-
-def endpoints(knn_k: int, resnet: bool) -> list[Endpoint]:
-    found = [Endpoint(PLAIN, PLAIN), Endpoint("dhat head=main", DHAT, {"head": "main"}),
-             Endpoint("dhat head=both", DHAT, {"head": "both"}), Endpoint("ducat recovered", DUCAT),
-             Endpoint("ducat mode=raw", DUCAT, {"mode": "raw"}), Endpoint(THAT, THAT),
-             Endpoint(f"that_knn k={knn_k}", "that_knn", {"k": knn_k})]
-    return found + ([Endpoint("resnet18 (natural)", RESNET_MODEL, images="resnet18")] if resnet else [])
 
 
 DEFINITIONS = {
@@ -143,89 +111,7 @@ DEFINITIONS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------- timing
-
-
-WARMUP = 2  # untimed rounds before the timed ones
-
-
-def _timed_calls(calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = WARMUP) -> dict[str, list[float]]:
-    """Wall time in ms of each call, the callables interleaved round-robin ``repeats`` times after ``warmup`` rounds."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_ in range(warmup + repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if round_ >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-def percentiles(times_ms: Sequence[float]) -> dict[str, float]:
-    return {"p50_ms": float(np.percentile(times_ms, 50)), "p99_ms": float(np.percentile(times_ms, 99))}
-
-
-def _p50(calls: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    return {name: percentiles(times)["p50_ms"] for name, times in _timed_calls(calls, repeats).items()}
-
-
-# ---------------------------------------------------------------------------------------------- runs and archives
-
-
-def find_runs(runs_root: str | Path = "runs", runs: Mapping[str, str | Path] | None = None, *,
-              benchmark: str = "serve") -> dict[str, Path]:
-    """The finished run of each served recipe: ``runs[recipe]``, else the first ``<runs_root>/<recipe>-quick-*``.
-
-    ``benchmark`` names the caller in the error that says a run is missing."""
-    from training.runs import run_finished
-
-    found: dict[str, Path] = {}
-    for recipe in RECIPES:
-        candidates = [Path(runs[recipe])] if runs and recipe in runs else sorted(Path(runs_root).glob(f"{recipe}-quick-*"))
-        finished = [c for c in candidates if run_finished(c)]
-        if not finished:
-            where = candidates[0] if runs and recipe in runs else Path(runs_root) / f"{recipe}-quick-*"
-            raise ConfigError(f"bench {benchmark} needs a finished {recipe} run and found none at {where}; train one "
-                              f"(`robustserve run --no-serve`) or name it in runs={{{recipe!r}: FOLDER}}")
-        found[recipe] = finished[0]
-    return found
-
-
-def _png(pixels: torch.Tensor) -> bytes:
-    from PIL import Image
-
-    array = (pixels * 255).round().byte().permute(1, 2, 0).numpy()
-    image = Image.fromarray(array[..., 0], mode="L") if array.shape[-1] == 1 else Image.fromarray(array, mode="RGB")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def eval_images(run_dir: Path, n: int) -> tuple[torch.Tensor, list[bytes]]:
-    """The first ``n`` evaluation test images of the run's dataset, as pixels and as PNG bytes."""
-    from training.runs import load_test_subset, read_defense_json
-
-    info = read_defense_json(run_dir)
-    x, _, _ = load_test_subset(info, n, info["config"].get("data_root"))
-    return x, [_png(image) for image in x]
-
-
-def package_and_extract(run_dirs: Mapping[str, Path], store: Path, unpacked: Path) -> dict[str, Path]:
-    """Archives of every served model of the runs in ``store``; returns model name -> its extracted folder."""
-    from serving.package import PackageSettings, package_run
-
-    # Every mode is measured, DUCAT's raw scores too: on this loopback server, the secret pairing they would
-    # reveal to a client is nobody's to protect.
-    settings = PackageSettings(raw_with_secret_pairing=True)
-    folders = {}
-    for run_dir in run_dirs.values():
-        for archive in package_run(run_dir, model_store=store, settings=settings):
-            if archive.stem in folders:
-                raise ConfigError(f"two runs are served as model {archive.stem}")
-            with zipfile.ZipFile(archive) as mar:
-                mar.extractall(unpacked / archive.stem)
-            folders[archive.stem] = unpacked / archive.stem
-    return folders
+# ---------------------------------------------------------------------------------------------- 3. the ResNet-18 run
 
 
 @contextlib.contextmanager
@@ -266,21 +152,18 @@ def train_resnet18(folder: Path, *, classes: int = 10, train_per_class: int = 20
                                           epochs=1, batch_size=min(50, classes * (train_per_class - 1)),
                                           train_subset=None, val_size=classes, val_attack_steps=1, device="cpu",
                                           seed=seed)
-    start = time.perf_counter()
-    with _env(*RESNET_IMAGE_SIZE):
-        run_dir = train(config, folder / "run", progress=False)
-        export_run(run_dir)
-    return run_dir, time.perf_counter() - start
+
+    def train_and_export() -> Path:
+        with _env(*RESNET_IMAGE_SIZE):
+            run_dir = train(config, folder / "run", progress=False)
+            export_run(run_dir)
+        return run_dir
+
+    seconds, run_dir = timed(train_and_export)
+    return run_dir, seconds
 
 
 # ---------------------------------------------------------------------------------------------- 1. REST
-
-
-def server_settings(store: Path, models: Sequence[str], state_dir: Path) -> server.ServerSettings:
-    """Settings for ``models`` of ``store`` on free loopback ports, batching as served."""
-    return server.ServerSettings(model_store=store, state_dir=state_dir, batch_size=BATCH_SIZE,
-                                 max_batch_delay_ms=MAX_BATCH_DELAY_MS, models=tuple(f"{m}.mar" for m in models),
-                                 **server.free_server_ports())
 
 
 @contextlib.contextmanager
@@ -290,44 +173,9 @@ def running_server(store: Path, models: Sequence[str], state_dir: Path) -> Itera
         yield settings.inference_address, server.read_keys(settings)["inference"]
 
 
-NO_REPLY = 0  # the status recorded when no HTTP reply came (connection refused or reset, timeout)
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One request: which endpoint, when it was sent and answered, and how."""
-
-    endpoint: str
-    start: float  # time.perf_counter()
-    end: float
-    status: int  # HTTP status, or NO_REPLY
-    detail: str = ""  # the start of the reply body (or the connection error) when status != 200
-
-    @property
-    def ms(self) -> float:
-        return (self.end - self.start) * 1e3
-
-    @property
-    def failure(self) -> str:
-        return f"{'HTTP ' + str(self.status) if self.status != NO_REPLY else 'no reply'}: {self.detail}"
-
-
-def send(client: Client, endpoint: Endpoint, body: bytes) -> Reply:
-    """One POST of a raw PNG to ``endpoint``; a connection error or timeout is a ``NO_REPLY``, never raised."""
-    start = time.perf_counter()
-    try:
-        status, raw = client.request("POST", endpoint.path, body, "image/png")
-        detail = "" if status == 200 else " ".join(raw[:200].decode("utf-8", "replace").split())
-    except ClientError as err:
-        status, detail = NO_REPLY, str(err)[:200]
-    return Reply(endpoint.label, start, time.perf_counter(), status, detail)
-
-
 def load_replies(url: str, token: str, endpoint: Endpoint, bodies: Sequence[bytes], clients: int, requests: int,
                  context: ssl.SSLContext | None = None) -> list[Reply]:
     """``requests`` POSTs spread over ``clients`` threads (each its own ``Client``); every request must get a 200."""
-    from .bench import BenchmarkError
-
     counts = [requests // clients + (i < requests % clients) for i in range(clients)]
     replies: list[list[Reply]] = [[] for _ in range(clients)]
     barrier = threading.Barrier(clients)
@@ -355,7 +203,7 @@ def rest_load(url: str, token: str, endpoint: Endpoint, bodies: Sequence[bytes],
     """``load_replies``' latency percentiles and req/s."""
     every = load_replies(url, token, endpoint, bodies, clients, requests)
     wall = max(r.end for r in every) - min(r.start for r in every)
-    return {**percentiles([r.ms for r in every]), "req_s": requests / wall}
+    return {**percentiles_ms([r.seconds for r in every]), "req_s": requests / wall}
 
 
 def bench_rest(url: str, token: str, points: Sequence[Endpoint], images: Mapping[str, Sequence[bytes]],
@@ -389,10 +237,10 @@ def bench_proxy(url: str, front: proxy.ProxySettings, token: str, endpoint: Endp
             load_replies(address, token, endpoint, bodies, n, max(20, 2 * n), context)
         for _ in range(PROXY_TURNS):
             for route, (address, context) in routes.items():
-                times[route] += [reply.ms for reply in load_replies(address, token, endpoint, bodies, n,
-                                                                    max(n, requests // PROXY_TURNS), context)]
+                times[route] += [reply.seconds for reply in load_replies(address, token, endpoint, bodies, n,
+                                                                         max(n, requests // PROXY_TURNS), context)]
         for route, measured in times.items():
-            figures.update({f"c{n}_{route}_{key}": value for key, value in percentiles(measured).items()})
+            figures.update({f"c{n}_{route}_{key}": value for key, value in percentiles_ms(measured).items()})
         for key in ("p50_ms", "p99_ms"):
             figures[f"c{n}_added_{key}"] = figures[f"c{n}_proxy_{key}"] - figures[f"c{n}_direct_{key}"]
     return figures
@@ -403,18 +251,18 @@ def bench_proxy(url: str, front: proxy.ProxySettings, token: str, endpoint: Endp
 
 def bench_local(runtime, png: bytes, options: Mapping[str, Any], repeats: int) -> dict[str, Any]:
     """One request in this process: bare forward, post-processing, ``Runtime.infer`` and ``Runtime.handle`` p50."""
-    from .postprocess import POSTPROCESSORS
+    from serving.postprocess import POSTPROCESSORS
 
     fields = {"body": png, **options}
     request = runtime.parse(fields)
     mode = request.options.mode
-    pixels = request.pixels[None].numpy().astype(np.float32)
+    pixels = np.asarray(request.pixels, dtype=np.float32)[None]
     outputs = runtime.backend.run(mode, pixels)
     postprocess = POSTPROCESSORS[runtime.postprocess[mode]]
-    p50 = _p50({"forward": lambda: runtime.backend.run(mode, pixels),
-                "postprocess": lambda: postprocess(outputs, [request.options], runtime.context),
-                "infer": lambda: runtime.infer([request]),
-                "handle": lambda: runtime.handle([fields])}, repeats)
+    p50 = p50_ms({"forward": lambda: runtime.backend.run(mode, pixels),
+                  "postprocess": lambda: postprocess(outputs, [request.options], runtime.context),
+                  "infer": lambda: runtime.infer([request]),
+                  "handle": lambda: runtime.handle([fields])}, repeats)
     return {"mode": mode, **{f"{name}_ms": value for name, value in p50.items()}}
 
 
@@ -433,15 +281,14 @@ def bench_heads(runtime, dhat_run: Path, pixels: torch.Tensor, repeats: int,
     """Part 4: head=main against head=both, bare forward at batch 1 and 8 (and REST c1), beside their FLOPs."""
     from training.runs import load_run
 
-    from .bench import forward_flops_per_image
-
     modes = load_run(dhat_run).modes()
     flops = {head: forward_flops_per_image(modes[head].exported, pixels[:1]) for head in ("main", "both")}
     result: dict[str, Any] = {"main_flops": flops["main"], "both_flops": flops["both"],
                               "flop_ratio": flops["main"] / flops["both"]}
     for batch in (1, 8):
         x = pixels[:batch].numpy()
-        p50 = _p50({head: (lambda head=head, x=x: runtime.backend.run(head, x)) for head in ("main", "both")}, repeats)
+        p50 = p50_ms({head: (lambda head=head, x=x: runtime.backend.run(head, x)) for head in ("main", "both")},
+                     repeats)
         ratio = p50["main"] / p50["both"]
         result.update({f"b{batch}_main_ms": p50["main"], f"b{batch}_both_ms": p50["both"],
                        f"b{batch}_time_ratio": ratio, f"b{batch}_over_flop_prediction": ratio / result["flop_ratio"]})
@@ -472,7 +319,7 @@ def bench_backends(runtime, pixels: torch.Tensor, repeats: int, batches: Sequenc
                    ) -> dict[str, dict[str, float]]:
     """Part 6: per mode of one extracted archive, bare forward img/s in ONNX Runtime (``runtime``'s backend)
     and eager PyTorch."""
-    from .runtime import Runtime
+    from serving.runtime import Runtime
 
     backends = {"onnx": runtime.backend, "torch": Runtime(runtime.folder, backend="torch", device="cpu").backend}
     results = {}
@@ -480,8 +327,8 @@ def bench_backends(runtime, pixels: torch.Tensor, repeats: int, batches: Sequenc
         figures: dict[str, float] = {}
         for batch in batches:
             x = np.ascontiguousarray(pixels[:batch].numpy())
-            p50 = _p50({name: (lambda b=backend, mode=mode, x=x: b.run(mode, x)) for name, backend in backends.items()},
-                       repeats)
+            p50 = p50_ms({name: (lambda b=backend, mode=mode, x=x: b.run(mode, x))
+                          for name, backend in backends.items()}, repeats)
             onnx, eager = batch / p50["onnx"] * 1e3, batch / p50["torch"] * 1e3
             figures.update({f"b{batch}_onnx_img_s": onnx, f"b{batch}_eager_img_s": eager, f"b{batch}_ratio": onnx / eager})
         results[f"{runtime.folder.name}/{mode}"] = figures
@@ -527,7 +374,7 @@ def _search_figures(index, queries: np.ndarray, k: int, repeats: int) -> dict[st
     for batch, rounds in ((1, repeats), (64, max(3, repeats // 16))):
         batches = itertools.cycle([np.ascontiguousarray(queries[np.arange(i * batch, (i + 1) * batch) % len(queries)])
                                    for i in range(WARMUP + rounds)])
-        p50 = _p50({"search": lambda batches=batches: index.search(next(batches), k)}, rounds)
+        p50 = p50_ms({"search": lambda batches=batches: index.search(next(batches), k)}, rounds)
         figures[f"b{batch}_ms_per_query"] = p50["search"] / batch
     return figures
 
@@ -541,21 +388,17 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 def bench_bank(features: np.ndarray, queries: np.ndarray, *, k: int, nprobes: Sequence[int], repeats: int,
                train_sample: int, rng: np.random.Generator) -> dict[str, Any]:
     """Part 7 for one bank: flat (exact) and IVF at each nprobe; build time, search time, recall@k, speed-up."""
-    from .knn_index import build_index
+    from serving.knn_index import build_index
 
     k = min(k, len(features))
-    start = time.perf_counter()
-    flat = build_index(features, "flat")
-    flat_build = time.perf_counter() - start
+    flat_build, flat = timed(lambda: build_index(features, "flat"))
     _, truth = flat.search(queries, k)
     flat_figures = {"build_s": flat_build, **_search_figures(flat, queries, k, repeats),
                     "recall": recall(truth, truth)}  # the exact search is its own truth
     nlist = default_nlist(len(features))
     size = min(len(features), max(train_sample, 39 * nlist))  # FAISS's k-means wants >= 39 vectors per cell
     sample = features[rng.choice(len(features), size=size, replace=False)]
-    start = time.perf_counter()
-    ivf = build_index(features, "ivf", nlist=nlist, train_sample=sample)
-    ivf_build = time.perf_counter() - start
+    ivf_build, ivf = timed(lambda: build_index(features, "ivf", nlist=nlist, train_sample=sample))
     result: dict[str, Any] = {"vectors": len(features), "dim": features.shape[1], "k": k, "queries": len(queries),
                               "nlist": nlist, "train_sample": len(sample), "flat": flat_figures}
     meeting = []
@@ -604,17 +447,6 @@ def bench_knn(real_bank: np.ndarray, real_queries: np.ndarray, sizes: Sequence[i
 # ---------------------------------------------------------------------------------------------- all of it
 
 
-class _Clock:
-    """``clock(step)`` records the seconds since the previous call under ``step``."""
-
-    def __init__(self, seconds: dict[str, float]) -> None:
-        self.seconds, self.last = seconds, time.perf_counter()
-
-    def __call__(self, step: str) -> None:
-        now = time.perf_counter()
-        self.seconds[step], self.last = now - self.last, now
-
-
 def _target(value: float, goal: float, at_most: bool) -> dict[str, Any]:
     return {"value": value, "goal": f"{'<=' if at_most else '>='} {goal:g}",
             "met": bool(value <= goal if at_most else value >= goal)}
@@ -646,13 +478,13 @@ def _nginx_version() -> str:
 
 
 def bench_serve(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path] | None = None,
-                model_store: str | Path | None = None, requests: int = 200, clients: Sequence[int] = (1, 8),
-                knn_sizes: Sequence[int] = (100_000, 1_280_000), repeats: int = 200, quick: bool = False,
-                resnet18: bool = True, nprobes: Sequence[int] = (8, 32, 128), knn_queries: int = 200,
-                knn_threads: int | None = None, seed: int = 0) -> dict[str, Any]:
+                preset: str = "quick", model_store: str | Path | None = None, requests: int = 200,
+                clients: Sequence[int] = (1, 8), knn_sizes: Sequence[int] = (100_000, 1_280_000), repeats: int = 200,
+                quick: bool = False, resnet18: bool = True, nprobes: Sequence[int] = (8, 32, 128),
+                knn_queries: int = 200, knn_threads: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Serve the runs of pgd_at, dhat, ducat and that (``find_runs``) and measure parts 1-8 (module docstring).
 
-    ``runs``: recipe -> run folder, instead of looking in ``runs_root``. ``model_store``: an empty
+    ``runs``: recipe -> run folder, instead of the ``preset`` run folders in ``runs_root``. ``model_store``: an empty
     folder to package the archives into and keep (default: a temporary one). ``requests``: REST
     requests per endpoint and client count; ``repeats``: timed calls per in-process figure.
     ``quick``: a few requests and repeats, one 20k synthetic bank and a ResNet-18 trained on 40 images.
@@ -662,7 +494,7 @@ def bench_serve(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path
         knn_sizes, knn_queries, nprobes = QUICK["knn_sizes"], min(knn_queries, QUICK["knn_queries"]), QUICK["nprobes"]
     if requests < max(clients) or repeats < 1 or not clients:
         raise ConfigError(f"need requests >= the most clients and repeats >= 1 (got {requests}, {repeats})")
-    run_dirs = find_runs(runs_root, runs)
+    run_dirs = find_runs(runs_root, runs, preset=preset)
     with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp_name:
         tmp = Path(tmp_name)
         store = Path(model_store) if model_store is not None else tmp / "store"
@@ -670,7 +502,7 @@ def bench_serve(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path
             raise ConfigError(f"the model store for bench serve must hold no archives yet: {store}")
         result: dict[str, Any] = {"benchmark": "serve", "runs": {r: str(d) for r, d in run_dirs.items()}}
         seconds: dict[str, float] = {}  # wall time of each step of the benchmark itself
-        clock = _Clock(seconds)
+        clock = Clock(seconds)
         served_runs = dict(run_dirs)
         if resnet18:
             per_class = QUICK["resnet_images"] if quick else (20, 5)
@@ -685,7 +517,7 @@ def bench_serve(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path
         if resnet18:
             with _env(*RESNET_IMAGE_SIZE):
                 resnet_pixels, images["resnet18"] = eval_images(served_runs["resnet18"], 16)
-        from .runtime import Runtime
+        from serving.runtime import Runtime
 
         runtimes = {name: Runtime(folder, backend="onnx", device="cpu") for name, folder in folders.items()}
         knn_k = min(KNN_K, len(runtimes["that_knn"].context.bank))
@@ -731,8 +563,6 @@ def bench_serve(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path
     import onnxruntime
     import psutil
 
-    from .bench import environment
-
     result["settings"] = {"requests": requests, "clients": list(clients), "repeats": repeats, "quick": quick,
                           **SERVED_AS, "proxy": {"nginx": _nginx_version(), **BENCH_PROXY_LIMITS},
                           "onnxruntime": onnxruntime.__version__,
@@ -741,5 +571,19 @@ def bench_serve(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path
     result["seconds"] = seconds
     result["targets"] = targets(result)
     result["definitions"] = DEFINITIONS
-    result["environment"] = environment("cpu")
+    result["environment"] = describe_environment("cpu")
     return result
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    add_run_options(p)
+    p.add_argument("--requests", type=int, help="REST requests per endpoint and client count (default 200)")
+    p.add_argument("--repeats", type=int, help="timed calls per in-process figure (default 200)")
+    p.add_argument("--quick", action="store_true", help="a few requests, small kNN banks, a tiny ResNet-18")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    return bench_serve(**given(args, "preset", "requests", "repeats", runs_root="runs"), quick=args.quick)

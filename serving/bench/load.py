@@ -1,6 +1,6 @@
 """``robustserve bench load``: a bounded load on a real TorchServe, and a worker killed with SIGKILL under it.
 
-``bench_load`` packages the finished runs of pgd_at, dhat, ducat and that (``bench_serve.find_runs``)
+``bench_load`` packages the finished runs of pgd_at, dhat, ducat and that (``common.find_runs``)
 into a temporary model store, serves them with a real TorchServe on loopback (``server.running``:
 token auth, free ports, dynamic batching) and runs two phases on it:
 
@@ -22,6 +22,7 @@ and requests per client (``MAX_REQUESTS_PER_CLIENT``). It returns a plain, JSON-
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 import threading
@@ -34,12 +35,13 @@ from typing import Any
 
 import psutil
 
+from serving.client import Client
+from serving.server import ServerSettings, read_keys, running
+from training.environment import describe_environment
 from training.errors import ConfigError
 
-from .bench_serve import (DHAT, KNN_K, NO_REPLY, PLAIN, SERVED_AS, Endpoint, Reply, _Clock, endpoints, eval_images,
-                          find_runs, package_and_extract, percentiles, send, server_settings)
-from .client import Client
-from .server import ServerSettings, read_keys, running
+from .common import (DHAT, KNN_K, NO_REPLY, PLAIN, SERVED_AS, Clock, Endpoint, Reply, add_run_options, endpoints,
+                     eval_images, find_runs, given, now, package_and_extract, percentiles_ms, send, server_settings)
 
 TEMP_PREFIX = "robustserve-bench-load-"  # the temporary folder (model store, server state); tests look for it
 MAX_CLIENTS, MAX_SECONDS = 64, 600.0
@@ -95,14 +97,14 @@ def run_load(url: str, token: str, points: Sequence[Endpoint], bodies: Sequence[
     ``keep_going()`` is false (never beyond ``seconds + RECOVERY_TIMEOUT_S``): client i's j-th request goes
     to endpoint (i + j) mod E with image (7 i + j) mod N, so every endpoint gets its share from every client."""
     replies: list[list[Reply]] = [[] for _ in range(clients)]
-    begin = time.perf_counter()
+    begin = now()
     soft_stop, hard_stop = begin + seconds, begin + seconds + RECOVERY_TIMEOUT_S
 
     def client_loop(i: int) -> None:
         client = Client(url, token=token, timeout=REQUEST_TIMEOUT_S)
         for j in range(MAX_REQUESTS_PER_CLIENT):
-            now = time.perf_counter()
-            if now >= hard_stop or (now >= soft_stop and not keep_going()):
+            at = now()
+            if at >= hard_stop or (at >= soft_stop and not keep_going()):
                 break
             replies[i].append(send(client, points[(i + j) % len(points)], bodies[(7 * i + j) % len(bodies)]))
 
@@ -131,13 +133,13 @@ def summarize(replies: Sequence[Reply], points: Sequence[Endpoint]) -> dict[str,
     ok = sum(r.status == 200 for r in replies)
     result: dict[str, Any] = {"requests": len(replies), "ok": ok, **failures(replies), "wall_s": wall,
                               "throughput_req_s": len(replies) / wall, "ok_req_s": ok / wall,
-                              **percentiles([r.ms for r in replies])}
+                              **percentiles_ms([r.seconds for r in replies])}
     result["endpoints"] = {}
     for endpoint in points:
         mine = [r for r in replies if r.endpoint == endpoint.label]
         result["endpoints"][endpoint.label] = {
             "model": endpoint.model, "requests": len(mine), "failed": sum(r.status != 200 for r in mine),
-            "req_s": len(mine) / wall, **(percentiles([r.ms for r in mine]) if mine else {})}
+            "req_s": len(mine) / wall, **(percentiles_ms([r.seconds for r in mine]) if mine else {})}
     return result
 
 
@@ -160,12 +162,12 @@ def frontend_children(settings: ServerSettings) -> set[int]:
 
 def kill_worker_under_load(settings: ServerSettings, model: str, probe: Endpoint, body: bytes,
                            at: float) -> dict[str, Any]:
-    """At ``time.perf_counter() >= at``, SIGKILL ``model``'s worker; then probe the model until it answers 200.
+    """At ``common.now() >= at``, SIGKILL ``model``'s worker; then probe the model until it answers 200.
 
-    Returns the killed pid, when it was killed (``killed_at``, perf_counter), the probe's figures and
+    Returns the killed pid, when it was killed (``killed_at``, ``common.now()``), the probe's figures and
     the new worker's pid. Raises ConfigError when the model has no single READY worker to kill.
     """
-    while time.perf_counter() < at:
+    while now() < at:
         time.sleep(0.01)
     pids = worker_pids(settings, model)
     if len(pids) != 1:
@@ -174,13 +176,13 @@ def kill_worker_under_load(settings: ServerSettings, model: str, probe: Endpoint
     if old_pid not in frontend_children(settings):  # never kill a process that is not this server's worker
         raise ConfigError(f"pid {old_pid} of {model}'s worker is not a child of the TorchServe frontend")
     worker = psutil.Process(old_pid)
-    killed_at = time.perf_counter()
+    killed_at = now()
     worker.kill()  # SIGKILL: no handler runs, the socket to the frontend just closes
     worker.wait(timeout=10)
 
     client = Client(settings.inference_address, token=read_keys(settings)["inference"], timeout=REQUEST_TIMEOUT_S)
     probes: list[Reply] = []
-    while time.perf_counter() - killed_at < RECOVERY_TIMEOUT_S:
+    while now() - killed_at < RECOVERY_TIMEOUT_S:
         probes.append(send(client, probe, body))
         if probes[-1].status == 200:
             break
@@ -202,8 +204,7 @@ def kill_phase(settings: ServerSettings, token: str, points: Sequence[Endpoint],
     """Phase 2: the load, with ``model``'s worker killed a third of the way in and the load kept up to recovery."""
     probe = next(p for p in points if p.model == model)
     with ThreadPoolExecutor(1, thread_name_prefix="kill-worker") as pool:
-        kill = pool.submit(kill_worker_under_load, settings, model, probe, bodies[0],
-                           time.perf_counter() + seconds / 3)
+        kill = pool.submit(kill_worker_under_load, settings, model, probe, bodies[0], now() + seconds / 3)
         replies = run_load(settings.inference_address, token, points, bodies, clients, seconds,
                            keep_going=lambda: not kill.done())
         figures = kill.result()
@@ -212,7 +213,7 @@ def kill_phase(settings: ServerSettings, token: str, points: Sequence[Endpoint],
     figures["failed_until_recovered"] = failures(meantime)
     figures["requests_until_recovered"] = len(meantime)
     figures["load"] = summarize(replies, points)
-    for key in ("killed_at", "recovered_at"):  # perf_counter instants mean nothing outside this process
+    for key in ("killed_at", "recovered_at"):  # clock instants mean nothing outside this process
         figures.pop(key)
     return figures
 
@@ -220,27 +221,25 @@ def kill_phase(settings: ServerSettings, token: str, points: Sequence[Endpoint],
 # ---------------------------------------------------------------------------------------------- all of it
 
 
-def bench_load(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path] | None = None, clients: int = 8,
-               seconds: float = 30.0, kill_worker: str | None = None, knn_k: int = KNN_K) -> dict[str, Any]:
+def bench_load(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path] | None = None,
+               preset: str = "quick", clients: int = 8, seconds: float = 30.0, kill_worker: str | None = None,
+               knn_k: int = KNN_K) -> dict[str, Any]:
     """Serve the runs of pgd_at, dhat, ducat and that and load them (module docstring): ``clients`` concurrent
     clients for ``seconds``, then, with ``kill_worker=MODEL``, the same load with MODEL's worker killed.
 
-    ``runs``: recipe -> run folder, instead of looking in ``runs_root``.
+    ``runs``: recipe -> run folder, instead of the ``preset`` run folders in ``runs_root`` (``find_runs``).
     """
+    from serving.package import served_models_of
     from training.knn import MEMORY_BANK, MemoryBank
 
-    from .bench import environment  # serving.bench imports this module: not at the top
-
-    from .package import served_models_of
-
     check_bounds(clients, seconds)
-    run_dirs = find_runs(runs_root, runs, benchmark="load")
+    run_dirs = find_runs(runs_root, runs, preset=preset, benchmark="load")
     served = [model.name for recipe in run_dirs for model in served_models_of(recipe)]
     if kill_worker is not None and kill_worker not in served:  # before the minutes of packaging and starting
         raise ConfigError(f"--kill-worker must be a served model ({', '.join(served)}), got {kill_worker!r}")
     result: dict[str, Any] = {"benchmark": "load", "runs": {r: str(d) for r, d in run_dirs.items()}}
     steps: dict[str, float] = {}  # wall time of each step of the benchmark itself
-    clock = _Clock(steps)
+    clock = Clock(steps)
     with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp_name:
         tmp = Path(tmp_name)
         folders = package_and_extract(run_dirs, tmp / "store", tmp / "unpacked")
@@ -267,5 +266,20 @@ def bench_load(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path]
                           "recovery_timeout_s": RECOVERY_TIMEOUT_S}
     result["seconds"] = steps
     result["definitions"] = DEFINITIONS
-    result["environment"] = environment("cpu")
+    result["environment"] = describe_environment("cpu")
     return result
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    add_run_options(p)
+    p.add_argument("--clients", type=int, help=f"concurrent clients (default 8, at most {MAX_CLIENTS})")
+    p.add_argument("--seconds", type=float, help=f"seconds of load per phase (default 30, at most {MAX_SECONDS:g})")
+    p.add_argument("--kill-worker", metavar="MODEL",
+                   help="then load again and SIGKILL MODEL's worker a third of the way in; measure the recovery")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    return bench_load(**given(args, "preset", "clients", "seconds", "kill_worker", runs_root="runs"))

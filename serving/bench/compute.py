@@ -1,12 +1,12 @@
-"""Throughput benchmarks. Every function returns a plain, JSON-serialisable dict.
+"""Compute benchmarks: ``robustserve bench attacks``, ``at-step`` and ``all``. Every function returns a plain,
+JSON-serialisable dict.
 
 * ``bench_attacks``: our PGD (``training.attacks.PGD``, i.e. ``core.pgd``) against torchattacks'
   ``PGD`` on the same model and the same batch, timed interleaved so that machine noise hits both.
 * ``bench_at_step``: one PGD-k adversarial-training step (attack, forward/backward, SGD step) with
   bf16 autocast (CUDA only; a no-op on CPU) and channels_last, in img/s and achieved TFLOP/s.
 * ``run_benchmarks``: both of the above (the AT step only on CUDA) plus the environment.
-
-``format_table`` turns any of these dicts into aligned text; ``robustserve bench`` prints it.
+* ``forward_flops_per_image``: a model's forward FLOPs (also bench serve's DH-AT head comparison).
 
 torchattacks is a peer to compare against, not a dependency of the project; install it with
 ``pip install --no-deps torchattacks`` (its pinned ``requests~=2.25.1`` would downgrade requests).
@@ -14,11 +14,9 @@ torchattacks is a peer to compare against, not a dependency of the project; inst
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import os
-import platform
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,14 +27,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from training.attacks.attacks import PGD
-from training.errors import ConfigError, RobustServeError
+from training.devices import default_device
+from training.environment import describe_environment
+from training.errors import ConfigError
 from training.models import ARCHITECTURES, build_model
 
+from .common import BenchmarkError, given, timed_calls
+
 H100_BF16_DENSE_TFLOPS = 989.0
-
-
-class BenchmarkError(RobustServeError):
-    """A benchmark cannot run here (a missing peer package); the message names the fix."""
 NUM_CLASSES = 10
 TORCHATTACKS_HINT = "pip install --no-deps torchattacks"
 
@@ -44,52 +42,11 @@ TORCHATTACKS_HINT = "pip install --no-deps torchattacks"
 # Helpers
 
 
-def _resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
-
-
-def _sync(device: torch.device) -> None:
+def _sync(device: torch.device) -> Callable[[], None] | None:
+    """What makes a timing of work on ``device`` wait for it (``common.timed``'s ``sync``): CUDA runs asynchronously."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    return f"cpu ({name})"
-
-
-def environment(device: str | torch.device | None = None) -> dict[str, Any]:
-    """torch version, device name and thread counts: what a reader needs to compare two runs."""
-    dev = device if isinstance(device, torch.device) else _resolve_device(device)
-    env: dict[str, Any] = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(dev),
-        "device_name": _device_name(dev),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "cpu_count": os.cpu_count(),
-    }
-    if hasattr(os, "getloadavg"):  # a busy machine explains noisy CPU timings
-        env["load_avg_1_5_15m"] = [round(v, 2) for v in os.getloadavg()]
-    if dev.type == "cuda":
-        env["cuda"] = torch.version.cuda
-        env["cudnn"] = torch.backends.cudnn.version()
-    with contextlib.suppress(ImportError):
-        import torchattacks
-
-        env["torchattacks"] = torchattacks.__version__
-    return env
+        return lambda: torch.cuda.synchronize(device)
+    return None
 
 
 def _input_shape(arch: str) -> tuple[int, int, int]:
@@ -120,14 +77,6 @@ def _model_and_batch(arch: str, batch_size: int, device: torch.device, seed: int
     x = torch.rand(batch_size, c, h, w, generator=gen)
     y = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)
     return model.to(device), x.to(device), y.to(device)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return time.perf_counter() - start, out
 
 
 @contextlib.contextmanager
@@ -179,7 +128,7 @@ def bench_attacks(
     if repeats < 1 or batch_size < 1 or steps < 1:
         raise ConfigError(f"need repeats, batch_size, steps >= 1 (got {repeats}, {batch_size}, {steps})")
     torchattacks = _import_torchattacks()
-    dev = _resolve_device(device)
+    dev = default_device(device)
     model, x, y = _model_and_batch(arch, batch_size, dev)
     model.eval()
     eps = default_eps(arch)
@@ -191,17 +140,15 @@ def bench_attacks(
 
     # Warm-up, seeded identically so the outputs can be compared.
     with _seeded(0, dev):
-        _, adv_ours = _timed(lambda: ours(x, y), dev)
+        adv_ours = ours(x, y)
     with _seeded(0, dev):
-        _, adv_theirs = _timed(lambda: theirs(x, y), dev)
+        adv_theirs = theirs(x, y)
     agreement = ((adv_ours - adv_theirs).abs() <= 1e-6).float().mean().item()
     max_pert = max((adv_ours - x).abs().max().item(), (adv_theirs - x).abs().max().item())
 
-    t_ours: list[float] = []
-    t_theirs: list[float] = []
-    for _ in range(repeats):
-        t_ours.append(_timed(lambda: ours(x, y), dev)[0])
-        t_theirs.append(_timed(lambda: theirs(x, y), dev)[0])
+    times = timed_calls({"ours": lambda: ours(x, y), "theirs": lambda: theirs(x, y)}, repeats, warmup=0,
+                        sync=_sync(dev))
+    t_ours, t_theirs = times["ours"], times["theirs"]
     med_ours, med_theirs = statistics.median(t_ours), statistics.median(t_theirs)
     ours_ips, theirs_ips = batch_size / med_ours, batch_size / med_theirs
     return {
@@ -216,7 +163,7 @@ def bench_attacks(
         "theirs_times_s": t_theirs,
         "agreement": agreement,
         "max_perturbation": max_pert,
-        "environment": environment(dev),
+        "environment": describe_environment(dev),
     }
 
 
@@ -285,7 +232,7 @@ def bench_at_step(
     """
     if repeats < 1 or batch_size < 1 or steps < 1:
         raise ConfigError(f"need repeats, batch_size, steps >= 1 (got {repeats}, {batch_size}, {steps})")
-    dev = _resolve_device(device)
+    dev = default_device(device)
     model, x, y = _model_and_batch(arch, batch_size, dev)
     model = model.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -315,9 +262,8 @@ def bench_at_step(
     saved_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
-        for _ in range(2 if dev.type == "cuda" else 1):
-            _timed(lambda: step(x, y), dev)
-        times = [_timed(lambda: step(x, y), dev)[0] for _ in range(repeats)]
+        times = timed_calls({"step": lambda: step(x, y)}, repeats, warmup=2 if dev.type == "cuda" else 1,
+                            sync=_sync(dev))["step"]
     finally:
         torch.backends.cudnn.benchmark = saved_benchmark
     med = statistics.median(times)
@@ -338,7 +284,7 @@ def bench_at_step(
         "executed_tflops": ips * executed_per_image / 1e12,
         "peak_tflops": peak_tflops,
         "fraction_of_peak": model_tflops / peak_tflops,
-        "environment": environment(dev),
+        "environment": describe_environment(dev),
     }
 
 
@@ -354,9 +300,9 @@ def run_benchmarks(
     peak_tflops: float = H100_BF16_DENSE_TFLOPS,
 ) -> dict[str, Any]:
     """``bench_attacks``, plus ``bench_at_step`` when the device is CUDA."""
-    dev = _resolve_device(device)
+    dev = default_device(device)
     result: dict[str, Any] = {
-        "environment": environment(dev),
+        "environment": describe_environment(dev),
         "attacks": bench_attacks(arch=arch, batch_size=batch_size, steps=steps, repeats=repeats, device=str(dev)),
     }
     if dev.type == "cuda":
@@ -365,40 +311,43 @@ def run_benchmarks(
     return result
 
 
-# ----------------------------------------------------------------------------------------------
-# Presentation
+# ---------------------------------------------------------------------------------------------- command line
+# Options left unset keep the functions' defaults (``common.given``).
+
+SETTINGS = ("arch", "batch_size", "steps", "repeats", "device")
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    if value == {}:
-        return "none"  # e.g. failed_by_status when nothing failed
-    return str(value)
+def _add_options(p: argparse.ArgumentParser, arch: str, batch_size: int, peak: bool, of: str = "") -> None:
+    p.add_argument("--arch", help=f"architecture{of} (default {arch})")
+    p.add_argument("--batch-size", type=int, help=f"images per batch{of} (default {batch_size})")
+    p.add_argument("--steps", type=int, help="PGD steps (default 10)")
+    p.add_argument("--repeats", type=int, help="timed rounds (default 5)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    if peak:
+        p.add_argument("--peak-tflops", type=float,
+                       help=f"the device's bf16 dense peak for at-step (default: H100's {H100_BF16_DENSE_TFLOPS:g})")
 
 
-def format_table(result: dict[str, Any], title: str | None = None) -> str:
-    """Two aligned columns (key, value); nested dicts become their own titled sections, empty ones a row."""
-    rows = [(k, _fmt(v)) for k, v in result.items() if not isinstance(v, dict) or not v]
-    width = max((len(k) for k, _ in rows), default=0)
-    lines = [f"== {title} =="] if title else []
-    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
-    for k, v in result.items():
-        if isinstance(v, dict) and v:
-            lines += ["", format_table(v, title=k)]
-    return "\n".join(lines)
+def add_attacks_options(p: argparse.ArgumentParser) -> None:
+    _add_options(p, "smallcnn", 128, peak=False)
 
 
-from .bench_load import bench_load  # re-exported here, below what it imports lazily from this module
-from .bench_serve import bench_serve  # likewise
+def run_attacks(args: argparse.Namespace) -> dict[str, Any]:
+    return bench_attacks(**given(args, *SETTINGS))
 
-# What `robustserve bench WHAT` runs; each takes keyword settings and returns a JSON-able dict.
-BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
-    "attacks": bench_attacks,
-    "at-step": bench_at_step,
-    "all": run_benchmarks,
-    "serve": bench_serve,
-    "load": bench_load,
-}
+
+def add_at_step_options(p: argparse.ArgumentParser) -> None:
+    _add_options(p, "preactresnet18", 512, peak=True)
+
+
+def run_at_step(args: argparse.Namespace) -> dict[str, Any]:
+    return bench_at_step(**given(args, *SETTINGS, "peak_tflops"))
+
+
+def add_all_options(p: argparse.ArgumentParser) -> None:
+    """``--arch`` and ``--batch-size`` are the attack comparison's; at-step keeps its own (preactresnet18, 512)."""
+    _add_options(p, "smallcnn", 128, peak=True, of=" of the attack comparison")
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    return run_benchmarks(**given(args, *SETTINGS, "peak_tflops"))
