@@ -25,15 +25,29 @@ import torch
 from PIL import Image
 
 from serving.client import Client
-from serving.package import SERVED_MODELS
+from serving.served_models import SERVED_MODELS
 from serving.server import ServerSettings, read_config, read_keys
-from training.runs import read_defense_json
 from training.data import DEFAULT_DATASET, load_dataset
 from training.errors import ConfigError, RobustServeError
 from training.recipes import ServingMode
+from training.runs import read_defense_json
 
-from .attacks import (ATTACK_SPECS, MAX_EPS, MAX_STEPS, SQUARE_QUERIES, AttackError, RestScores, amplified,
-                      attack_surface, check_settings, grid_eps, perturbation_norms, square, to_png, white_box)
+from .attacks import (
+    ATTACK_SPECS,
+    MAX_EPS,
+    MAX_STEPS,
+    SQUARE_QUERIES,
+    AttackError,
+    RestScores,
+    amplified,
+    attack_surface,
+    check_settings,
+    grid_eps,
+    perturbation_norms,
+    square,
+    to_png,
+    white_box,
+)
 from .inputs import MAX_SIDE, MAX_UPLOAD_BYTES, InputError, ModelInput, convert_drawing, convert_file
 from .rest import Answer, Endpoint, ask_all, comparison_html, neighbours, served_endpoints, verdict
 
@@ -294,7 +308,7 @@ def build_app(demo: Demo) -> gr.Blocks:
         return chosen(demo.gallery_input, event.index)
 
     def on_attack(source: ModelInput, attack: str, target: str, eps: float, steps: float,
-                  progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+                  progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008 (Gradio's progress idiom)
         def report(calls: int, total: int | None) -> None:
             unit = "queries" if ATTACK_SPECS[attack].black_box else "gradient steps"
             progress((calls, total), desc=f"{attack} on {target}", unit=unit)

@@ -32,15 +32,6 @@ MAX_STEPS = 100
 SQUARE_QUERIES = 300  # an interactive budget: the registry's Square spends 5000 per image
 SEED = 0  # the same image, attack and settings always give the same adversarial image
 
-# Surfaces an adaptive attacker uses instead of the served module, because the module has an inference-time
-# step that hides the gradient. DH-AT's surfaces are its single heads, weaker than attacking through its
-# aggregator, so ``both`` is attacked as it is served.
-ADAPTIVE_SURFACES = {
-    "merged": "DUCAT's merged class scores log(p_k + p_dummy(k)) with the class pairing known: the gradient "
-              "sees through the dummy-class recovery",
-    "soft_knn": "a soft, differentiable kNN vote over THAT's memory bank: the gradient sees through the hard "
-                "top-k vote",
-}
 
 
 class AttackError(RobustServeError, ValueError):
@@ -127,10 +118,11 @@ class Surface:
 
 
 def attack_surface(mode: ServingMode) -> Surface:
-    """The mode's adaptive surface where it has one (``ADAPTIVE_SURFACES``), else the served module itself."""
-    for name, description in ADAPTIVE_SURFACES.items():
-        if name in mode.attack_surfaces:
-            return Surface(mode.attack_surfaces[name], name, description)
+    """The mode's adaptive surface where its recipe names one (``ServingMode.adaptive_surface``), else the
+    served module itself. (DH-AT names none: its single heads are weaker than attacking through its aggregator.)"""
+    if mode.adaptive_surface is not None:
+        name, why = mode.adaptive_surface
+        return Surface(mode.attack_surfaces[name], name, why)
     return Surface(mode.module, "module", f"the served mode itself: {mode.description}")
 
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from serving.client import Client, ClientError
-from serving.package import SERVED_MODELS
 from serving.runtime import ServedInfo
+from serving.served_models import SERVED_MODELS
 from serving.server import ServerSettings, read_config
 from training.errors import RobustServeError
 

@@ -142,35 +142,41 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- eval
 
 
-def _configure_attack_suite(p: argparse.ArgumentParser, *, n: int | None, pgd_steps: int, pgd_restarts: int,
-                            autoattack_n: int, autoattack_version: str) -> None:
-    """The evaluation's sizes and attack settings, shared by `eval` and `run` (with their own defaults)."""
-    p.add_argument("--n", type=int, default=n,
-                   help=f"test images for clean, PGD and transfer attacks (default: {n or 'the whole test set'})")
-    p.add_argument("--pgd-steps", type=int, default=pgd_steps)
-    p.add_argument("--pgd-restarts", type=int, default=pgd_restarts, help="random starts per PGD attack")
+# The full suite is evaluate_run's defaults (`robustserve eval`): the whole test set, PGD-50 x 3 restarts under
+# three losses, standard AutoAttack on 1,000 images. The quick preset's pipeline check is sized for two CPU cores
+# and twelve serving modes: its wide intervals are shown, and it is labelled as what it is.
+PIPELINE_CHECK_SUITE = {"n": 300, "pgd_steps": 20, "pgd_restarts": 2, "autoattack_n": 100, "autoattack_version": "fast",
+                        "sweep": []}
+
+
+def _configure_attack_suite(p: argparse.ArgumentParser, default: str) -> None:
+    """The evaluation's sizes and attack settings, shared by `eval` and `run`; an option not given keeps the
+    suite's value (``default`` says which, for the help)."""
+    p.add_argument("--n", type=int, help=f"test images for clean, PGD and transfer attacks (default: {default})")
+    p.add_argument("--pgd-steps", type=int)
+    p.add_argument("--pgd-restarts", type=int, help="random starts per PGD attack")
     p.add_argument("--objectives", type=lambda t: [o.strip() for o in t.split(",") if o.strip()],
-                   default=["ce", "margin", "dlr"], help="PGD losses, comma-separated: ce, margin (CW), dlr")
-    p.add_argument("--autoattack-n", type=int, default=autoattack_n,
+                   help="PGD losses, comma-separated: ce, margin (CW), dlr (default: all three)")
+    p.add_argument("--autoattack-n", type=int,
                    help="test images (a prefix of the n) for AutoAttack, APGD-CE + APGD-T on each attack surface "
                         "and Square; 0 skips them")
-    p.add_argument("--autoattack-version", default=autoattack_version,
+    p.add_argument("--autoattack-version",
                    help="standard (APGD-CE, APGD-T, FAB-T, Square: the only one reported as AutoAttack), plus, rand, "
                         "or fast (APGD-CE + APGD-T, labelled so)")
     p.add_argument("--sweep", type=_float_list, help="comma-separated eps values for the accuracy-vs-eps curve")
 
 
-def suite_settings(args: argparse.Namespace) -> dict:
-    """``evaluate_run``'s keyword arguments from `_configure_attack_suite`'s options."""
-    return {"n": args.n, "pgd_steps": args.pgd_steps, "pgd_restarts": args.pgd_restarts,
-            "objectives": args.objectives, "autoattack_n": args.autoattack_n,
-            "autoattack_version": args.autoattack_version, "sweep": args.sweep}
+def suite_settings(args: argparse.Namespace, suite: dict | None = None) -> dict:
+    """``evaluate_run``'s keyword arguments: ``suite`` (default: evaluate_run's own, the full suite) with the
+    options given on the command line on top."""
+    given = {name: getattr(args, name) for name in ("n", "pgd_steps", "pgd_restarts", "objectives", "autoattack_n",
+                                                    "autoattack_version", "sweep")}
+    return {**(suite or {}), **{name: value for name, value in given.items() if value is not None}}
 
 
 def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run folder (from `robustserve train`)")
-    _configure_attack_suite(p, n=None, pgd_steps=50, pgd_restarts=3, autoattack_n=1000,
-                            autoattack_version="standard")
+    _configure_attack_suite(p, "the whole test set, PGD-50 x 3 restarts, standard AutoAttack on 1,000")
     p.add_argument("--eps", type=float, help="Linf radius (default: the run's training eps)")
     p.add_argument("--no-transfer", action="store_true", help="skip the transfer attacks from the base run")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
@@ -205,19 +211,23 @@ def recipe_list(text: str) -> list[str]:
     return ids
 
 
+# The five defenses, each after the baseline it starts from or is compared with in its paper. MART and
+# Consistency-AT are bases only on request (DUCAT and DH-AT accept them), so they stay out of the
+# default and keep the quick pipeline shorter on two cores; `--recipes all` adds them.
+DEFAULT_RECIPES = "natural,aft_dra,pgd_at,ducat,act,that,trades,dhat"
+
+
 def _configure_run(p: argparse.ArgumentParser) -> None:
-    # The five defenses, each after the baseline it starts from or is compared with in its paper. MART and
-    # Consistency-AT are bases only on request (DUCAT and DH-AT accept them), so they stay out of the
-    # default and keep `make run` shorter on two cores; `--recipes all` adds them.
-    p.add_argument("--recipes", default="natural,aft_dra,pgd_at,ducat,act,that,trades,dhat",
-                   help="comma-separated recipes to train (finished runs and stages are reused) and evaluate, "
-                        "or `all` for every registered recipe")
-    p.add_argument("--preset", default="quick")
+    p.add_argument("--recipes", default=DEFAULT_RECIPES,
+                   help="comma-separated recipes to train (finished runs and stages are reused) and evaluate, or "
+                        "serve from the zoo; `all` for every registered recipe")
+    p.add_argument("--preset", default="quick", help="quick (a pipeline check, minutes), standard (the zoo's "
+                                                     "models, hours on two cores) or paper")
+    p.add_argument("--zoo", type=Path, nargs="?", const=Path("model_store/zoo"),
+                   help="serve the committed model zoo (default folder model_store/zoo) instead of training")
     p.add_argument("--runs", type=Path, default=Path("runs"), help="folder for the run folders")
-    # Sized for two CPU cores and twelve serving modes: a pipeline check whose wide intervals are shown,
-    # not a measurement of the defenses (`robustserve eval` defaults to the whole test set).
-    _configure_attack_suite(p, n=300, pgd_steps=20, pgd_restarts=2, autoattack_n=100, autoattack_version="fast")
-    p.set_defaults(sweep=[])  # no accuracy-vs-eps curve here; `robustserve eval` draws one
+    _configure_attack_suite(p, "quick: 300 images, PGD-20 x 2, APGD-CE + APGD-T on 100, no sweep (a pipeline "
+                               "check); other presets: the full suite of `robustserve eval`")
     p.add_argument("--results", type=Path, default=Path("RESULTS.md"), help="where to write the results table")
     p.add_argument("--model-store", type=Path, default=Path("model_store"))
     p.add_argument("--no-serve", action="store_true",
@@ -227,65 +237,67 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demo-port", type=int, default=7860, help="the demo's port on 127.0.0.1")
 
 
-@command("run", "the main job: train every recipe (reusing finished runs), evaluate, print the results table",
-         _configure_run)
+@command("run", "the main job: train every recipe (reusing finished runs), evaluate, print the results table, "
+         "serve the runs and open the demo; or, with --zoo, serve the committed model zoo", _configure_run)
 def cmd_run(args: argparse.Namespace) -> int:
-    from datetime import datetime, timezone
+    from serving import pipeline
 
-    from training.checkpoint import write_text
-    from training.engine import train
-    from training.environment import describe_environment
-    from training.runs import run_dir_for, run_finished
-    from training.evaluate import evaluate_run, format_results_table, results_header
-    from training.recipes import RECIPES, get_recipe
-
-    reports, run_dirs = [], []
-    for recipe_id in recipe_list(args.recipes):
-        config = get_recipe(recipe_id).config(args.preset)
-        run_dir = run_dir_for(config, args.runs)
-        finished = run_finished(run_dir)
-        print(f"== {recipe_id}: {'reusing ' + str(run_dir) if finished else 'training into ' + str(run_dir)}", flush=True)
-        if not finished:
-            train(config, run_dir, resume=True, runs_root=args.runs)
-        # Attack rows that finished before are read back, not recomputed.
-        reports.append(evaluate_run(run_dir, **suite_settings(args), progress=True))
-        run_dirs.append(run_dir)
-    table = format_results_table(reports, references={r.id: r.reference for r in RECIPES.values() if r.reference})
-    env = describe_environment()
-    header = (f"# Results ({args.preset} preset)\n\nMade by `robustserve run --preset {args.preset}` (`make run`) on "
-              f"{env['device_name']}, {env['torch_threads']} torch threads, torch {env['torch']}, "
-              f"{datetime.now(timezone.utc):%Y-%m-%d}. " + results_header(reports) + "\n\n")
-    write_text(args.results, header + table + "\n")
-    print(table)
+    recipes = recipe_list(args.recipes)
+    if args.zoo is not None:
+        run_dirs, runs_root, preset = pipeline.zoo_runs(args.zoo, recipes), args.zoo, "standard"
+    else:
+        suite = suite_settings(args, PIPELINE_CHECK_SUITE if args.preset == "quick" else None)
+        run_dirs, reports = pipeline.train_and_evaluate(recipes, args.preset, args.runs, suite)
+        print(pipeline.write_results(reports, args.preset, args.results))
+        runs_root, preset = args.runs, args.preset
     if args.no_serve:
         return 0
-    state_dir = serve_runs(run_dirs, args.model_store)
+    state_dir = pipeline.serve_runs(run_dirs, args.model_store)
     if not args.no_demo:
-        run_demo(state_dir, args.runs, host="127.0.0.1", port=args.demo_port)
+        open_demo(state_dir, runs_root, preset, args.demo_port)
     return 0
 
 
-def serve_runs(run_dirs: list[Path], model_store: Path) -> Path:
-    """Package every run, (re)start TorchServe over the store, print a curl example per behaviour and
-    return the server's state folder."""
-    from serving import server
-    from serving.client import curl_examples, write_example_image
-    from serving.package import package_run
+def open_demo(state_dir: Path, runs_root: Path, preset: str, port: int) -> None:
+    """Run the `demo` command, which the demo package contributes (``PLUGIN_GROUP``): serving never imports it."""
+    if "demo" not in COMMANDS:
+        print("== the demo is not installed (no `demo` command); TorchServe keeps serving", flush=True)
+        return
+    argv = ["demo", "--state-dir", str(state_dir), "--runs", str(runs_root), "--preset", preset, "--port", str(port)]
+    args = build_parser().parse_args(argv)
+    args.handler(args)
 
-    models = []
-    for run_dir in run_dirs:
-        names = [archive.stem for archive in package_run(run_dir, model_store=model_store)]
-        print(f"== packaged {run_dir} as {', '.join(names)}", flush=True)
-        models += names
-    settings = server.ServerSettings(model_store=model_store, models=tuple(f"{m}.mar" for m in models))
-    if server.stop(settings):
-        print("== stopped the TorchServe that was running from this folder", flush=True)
-    state = server.start(settings)
-    image = write_example_image(run_dirs[0], settings.state_dir.absolute() / "example.png")
-    print(f"== TorchServe is serving {', '.join(state.models)} on {state.inference_address} (127.0.0.1 only; the API "
-          f"keys are in {state.key_file}; `robustserve serve stop` stops it). Try:")
-    print("\n".join(curl_examples(state.inference_address, state.key_file, image, models)))
-    return settings.state_dir
+
+# ---------------------------------------------------------------------------------------------- zoo
+
+
+def _configure_zoo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["add", "check", "list"],
+                   help="add finished, evaluated runs; check every entry's files and clean accuracy; list entries")
+    p.add_argument("runs", type=Path, nargs="*", help="run folders to add")
+    p.add_argument("--zoo", type=Path, default=Path("model_store/zoo"))
+    p.add_argument("--command", default="robustserve run --preset standard",
+                   help="the command that made the runs, recorded in each entry")
+    p.add_argument("--data-root", help="dataset folder (default: the runs')")
+
+
+@command("zoo", "the committed model zoo (model_store/zoo): add standard runs, check them, list them", _configure_zoo)
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from training import zoo
+
+    if args.action == "add":
+        if not args.runs:
+            raise ConfigError("zoo add needs the run folders to add")
+        for run_dir in args.runs:
+            print(f"added {zoo.add_run(run_dir, args.zoo, command=args.command, data_root=args.data_root)}")
+        return 0
+    for recipe, entry in zoo.entries(args.zoo).items():
+        record = json.loads((entry / zoo.ZOO_JSON).read_text())
+        figures = ", ".join(f"{mode} {acc['accuracy']:.1%}" for mode, acc in record["clean_accuracy"].items())
+        if args.action == "check":
+            zoo.check_entry(entry, args.data_root)
+        print(f"{recipe:<15} {entry}  clean: {figures}  ({record['code_version']}){'  ok' if args.action == 'check' else ''}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- export / package
@@ -430,11 +442,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _configure_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", type=Path, help="an image file (PNG, JPEG) of the model's input size")
     p.add_argument("--model", default="dhat", help="served model name (see `robustserve serve status`)")
-    p.add_argument("--head", choices=["main", "second", "both"], help="DH-AT's head")
-    p.add_argument("--mode", help="serving mode (e.g. DUCAT's raw)")
-    p.add_argument("--knn", action="store_true", help="ask THAT's kNN endpoint (model that_knn)")
-    p.add_argument("--k", type=int, help="kNN neighbours")
-    p.add_argument("--top-k", type=int)
+    p.add_argument("--param", "-p", action="append", default=[], metavar="NAME=VALUE",
+                   help="a request parameter, repeatable: the model's mode (head=both for dhat, mode=raw for ducat), "
+                        "top_k=3, k=20 for that_knn; the model says which it takes")
     p.add_argument("--url", default="http://127.0.0.1:8080")
     p.add_argument("--state-dir", type=Path, default=Path("runs/torchserve"), help="where the server's key file is")
 
@@ -445,45 +455,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from serving.server import ServerSettings, read_keys
 
     token = read_keys(ServerSettings(state_dir=args.state_dir)).get("inference")
-    model = "that_knn" if args.knn else args.model
     if not args.image.is_file():
         raise ConfigError(f"no image file {args.image}")
-    reply = Client(args.url, token=token).predict(args.image, model=model, head=args.head, mode=args.mode,
-                                                  k=args.k, top_k=args.top_k)
+    if any("=" not in item for item in args.param):
+        raise ConfigError(f"--param takes NAME=VALUE, got {', '.join(i for i in args.param if '=' not in i)}")
+    params = dict(item.partition("=")[::2] for item in args.param)
+    reply = Client(args.url, token=token).predict(args.image, model=args.model, **params)
     print(json.dumps(reply, indent=2))
     return 0
-
-
-# ---------------------------------------------------------------------------------------------- demo
-
-
-def _configure_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--state-dir", type=Path, default=Path("runs/torchserve"),
-                   help="the running TorchServe's folder: its config.properties and key_file.json (inference key)")
-    p.add_argument("--runs", type=Path, default=Path("runs"),
-                   help="folder of the run folders (<recipe>-quick-fashion_mnist-smallcnn) the white-box attacks load")
-    p.add_argument("--data-root", help="dataset folder for the test images and kNN neighbours (default: the runs')")
-
-
-@command("demo", "the Gradio demo: attack live inputs and compare every served defense over REST", _configure_demo)
-def cmd_demo(args: argparse.Namespace) -> int:
-    run_demo(args.state_dir, args.runs, host=args.host, port=args.port, data_root=args.data_root)
-    return 0
-
-
-def run_demo(state_dir: Path, runs_root: Path, *, host: str, port: int, data_root: str | None = None) -> None:
-    """Serve the Gradio demo against the TorchServe of ``state_dir`` until Ctrl-C."""
-    from demo.app import Demo, default_run_dirs, launch, state_dir_client
-
-    backend = Demo(state_dir_client(state_dir), default_run_dirs(runs_root), data_root=data_root)
-    print(f"== robustserve demo on http://{host}:{port} (TorchServe from {state_dir}); Ctrl-C stops the demo, "
-          f"`robustserve serve stop` the server", flush=True)
-    try:
-        launch(backend, host=host, port=port)
-    except KeyboardInterrupt:
-        print("== demo stopped", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -517,7 +496,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- main
 
 
+PLUGIN_GROUP = "robustserve.commands"  # entry points of packages that add commands (the demo)
+
+
+def load_plugins() -> None:
+    """Import the modules that other installed packages register under ``PLUGIN_GROUP``; each adds its
+    commands with ``@command`` as it is imported."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=PLUGIN_GROUP):
+        entry.load()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    load_plugins()
     parser = argparse.ArgumentParser(prog="robustserve", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for cmd in COMMANDS.values():
@@ -540,4 +532,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m serving.cli`: run the registry of the module plugins register into, not this __main__ copy.
+    from serving.cli import main as registered_main
+
+    sys.exit(registered_main())

@@ -24,6 +24,8 @@ import numpy as np
 
 from training.errors import RobustServeError
 
+from .served_models import SERVED_MODELS
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
@@ -85,13 +87,6 @@ class Client:
             raise ClientError(status, str(message) if message else HTTPStatus(status).phrase)
         return reply
 
-    def ping(self) -> bool:
-        try:
-            status, _ = self.request("GET", "/ping")
-        except ClientError:
-            return False
-        return status == 200
-
 
 def write_example_image(run_dir: Path, path: Path) -> Path:
     """The first evaluation test image of a run's dataset as a PNG at ``path`` (for the curl examples)."""
@@ -114,15 +109,17 @@ def curl_examples(inference_address: str, key_file: Path, image: Path, models: l
     auth = '-H "Authorization: Bearer $TOKEN"'
     # Without a content type curl says form-urlencoded, and TorchServe's frontend fails to parse the PNG.
     png = "-H 'Content-Type: image/png' --data-binary @$IMG"
-    examples = {
-        "natural": f"curl -s -w '\\n' {auth} {png} {url}/predictions/natural",
-        "pgd_at": f"curl -s -w '\\n' {auth} -F data=@$IMG -F top_k=3 {url}/predictions/pgd_at",
-        "dhat": f"curl -s -w '\\n' {auth} {png} '{url}/dhat/predict?head=both'\n"
-                f"curl -s -w '\\n' {auth} -H 'Content-Type: application/json' "
-                f"-d \"{{\\\"image\\\": \\\"$(base64 -w0 $IMG)\\\", \\\"head\\\": \\\"main\\\"}}\" {url}/predictions/dhat",
-        "ducat": f"curl -s -w '\\n' {auth} -H 'X-Top-K: 3' {png} {url}/predictions/ducat",
-        "that_knn": f"curl -s -w '\\n' {auth} {png} '{url}/invocations?model_name=that_knn&k=10'",
-    }
+    curl = f"curl -s -w '\\n' {auth}"
     for model in models:
-        lines += examples.get(model, f"curl -s -w '\\n' {auth} {png} {url}/predictions/{model}").split("\n")
+        # TorchServe passes query parameters on /<model>/predict, not on /predictions/<model> (its frontend).
+        example = SERVED_MODELS[model].example if model in SERVED_MODELS else {}
+        query = "&".join(f"{name}={value}" for name, value in example.items())
+        lines.append(f"{curl} {png} '{url}/{model}/predict?{query}'" if query else
+                     f"{curl} {png} {url}/predictions/{model}")
+    if models:  # the other ways a parameter can arrive, on the first model: a form field, a header, a JSON body
+        first = models[0]
+        lines += [f"{curl} -F data=@$IMG -F top_k=3 {url}/predictions/{first}",
+                  f"{curl} -H 'X-Top-K: 3' {png} {url}/predictions/{first}",
+                  f"{curl} -H 'Content-Type: application/json' "
+                  f"-d \"{{\\\"image\\\": \\\"$(base64 -w0 $IMG)\\\", \\\"top_k\\\": 3}}\" {url}/predictions/{first}"]
     return lines

@@ -432,3 +432,25 @@ def _describe(value: object) -> str:
     if isinstance(value, (list, dict, bytes, bytearray)):
         return f"a {type(value).__name__} of length {len(value)}"
     return f"a {type(value).__name__}"
+
+
+# -- request parameters ------------------------------------------------------------------------
+
+def option_text(value: Any) -> Any:
+    """TorchServe hands query and form values as bytes; everything else is already JSON-typed."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes | bytearray) else value
+
+
+def parse_integer(name: str, value: Any, low: int, high: int) -> int:
+    """A request parameter as an integer in [low, high], or a 400 that says so."""
+    value = option_text(value)
+    text = value.strip() if isinstance(value, str) else ""
+    # ASCII digits only: str.isdigit() also accepts e.g. "²", which int() refuses; and at most 18 of them, so
+    # that int() never meets Python's 4300-digit limit (either would raise ValueError: a 500, not a 400).
+    digits = 0 < len(text) <= 18 and text.isascii() and text.isdigit()
+    if isinstance(value, bool) or not (isinstance(value, int) or digits):
+        raise RequestError(f"{name} must be an integer from {low} to {high}, got {reprlib.repr(value)}")
+    number = int(value)
+    if not low <= number <= high:
+        raise RequestError(f"{name} must be from {low} to {high}, got {number}")
+    return number

@@ -1,9 +1,6 @@
 """Package a finished run into TorchServe archives (``model_store/<name>.mar``), one per served model.
 
-A run can be served as more than one model: THAT is ``that`` (its classifier) and ``that_knn`` (the
-kNN endpoint over its memory bank). ``SERVED_MODELS`` says, per model, which run it comes from,
-which modes it serves (the first is the default), the request parameter that picks one and the
-handler (``handlers/``) that translates TorchServe requests for it.
+Which models a run is served as, and how, is the table in ``serving.served_models``.
 
 An archive holds, flat: ``defense.json``, ``best.safetensors`` (the eager module's weights), the
 evaluation ``report.json``, ``export.json`` and the ONNX graph of each served mode, DUCAT's
@@ -31,38 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from training.checkpoint import CheckpointError
-from training.dummy_classes import PAIRING_FILE, read_pairing
 from training.errors import ConfigError, RobustServeError, cannot_write
-from training.runs import BEST, DEFENSE_JSON, REPORT_JSON, read_defense_json
 from training.export import EXPORT_DIR, EXPORT_JSON, current_export, export_run
-from training.knn import MEMORY_BANK, MemoryBank
+from training.pairing import PAIRING_FILE, read_pairing
+from training.runs import BEST, DEFENSE_JSON, REPORT_JSON, read_defense_json, restore_artifacts
 
-from .knn_index import FAISS_INDEX, INDEX_KINDS, build_index
+from .knn_index import INDEX_KINDS
+from .postprocess import POSTPROCESSORS, PRIVATE
 from .runtime import BACKENDS, SERVED_JSON, ServedInfo, withheld_modes, write_manifest
+from .served_models import ServedModel, served_models_of
 from .signing import Ed25519PrivateKey, sign_archive, signature_path
 
 HANDLERS_DIR = Path(__file__).resolve().parent.parent / "handlers"
-PRIVATE = 0o600  # a secret pairing, and an archive holding one
 STORE_FIX = "choose another --model-store"  # the way out of a full or read-only model store
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    name: str  # the TorchServe model name: POST /predictions/<name>
-    recipe: str  # the run it serves
-    handler: str  # handlers/<handler>.py
-    modes: tuple[str, ...] | None = None  # None: every mode of the run, in the recipe's order
-    mode_parameter: str = "mode"
-
-
-SERVED_MODELS: dict[str, ServedModel] = {m.name: m for m in [
-    ServedModel("dhat", "dhat", "dual_head", mode_parameter="head"),
-    ServedModel("that", "that", "classifier", modes=("classifier",)),
-    ServedModel("that_knn", "that", "knn", modes=("knn",)),
-    ServedModel("ducat", "ducat", "dummy_classes"),
-    *(ServedModel(r, r, "classifier") for r in ("natural", "pgd_at", "trades", "mart", "consistency_at", "aft_dra",
-                                                 "act")),
-]}
 
 
 @dataclass(frozen=True)
@@ -90,12 +68,6 @@ class PackageError(RobustServeError):
     """torch-model-archiver failed, or the run lacks what an archive needs."""
 
 
-def served_models_of(recipe_id: str) -> list[ServedModel]:
-    """The models a run of ``recipe_id`` is served as (any recipe not listed: one model of its own name)."""
-    return [m for m in SERVED_MODELS.values() if m.recipe == recipe_id] or [ServedModel(recipe_id, recipe_id,
-                                                                                        "classifier")]
-
-
 def _stage(run_dir: Path, served: ServedModel, export: dict[str, Any], settings: PackageSettings,
            staging: Path) -> None:
     """Copy into ``staging`` everything the archive of ``served`` holds, then its manifest."""
@@ -109,12 +81,9 @@ def _stage(run_dir: Path, served: ServedModel, export: dict[str, Any], settings:
     withheld = withheld_modes({m: export["modes"][m]["postprocess"] for m in modes}, pairing,
                               settings.raw_with_secret_pairing)
     modes = tuple(m for m in modes if m not in withheld)
-    files = [DEFENSE_JSON, BEST, REPORT_JSON, PAIRING_FILE]
-    for name in files:
+    for name in (DEFENSE_JSON, BEST, REPORT_JSON):
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, staging / name)
-    if pairing is not None:
-        os.chmod(staging / PAIRING_FILE, PRIVATE)
     export_record = {**export, "modes": {m: export["modes"][m] for m in modes}}
     (staging / EXPORT_JSON).write_text(json.dumps(export_record, indent=2) + "\n")
     for mode in modes:
@@ -123,18 +92,11 @@ def _stage(run_dir: Path, served: ServedModel, export: dict[str, Any], settings:
     extra: dict[str, Any] = {"withheld_modes": withheld} if withheld else {}
     if pairing is not None and settings.raw_with_secret_pairing:
         extra["raw_with_secret_pairing"] = True
-    if any(export["modes"][m]["postprocess"] == "knn" for m in modes):
-        bank = MemoryBank.load(run_dir / MEMORY_BANK)
-        shutil.copy2(run_dir / MEMORY_BANK, staging / MEMORY_BANK)
-        import faiss
-
-        index = build_index(bank.features.numpy(), settings.knn_index, nlist=settings.nlist, nprobe=settings.nprobe)
-        faiss.write_index(index, str(staging / FAISS_INDEX))
-        extra["knn_index"] = {"kind": settings.knn_index, "vectors": len(bank),
-                              **({"nlist": index.nlist, "nprobe": index.nprobe} if settings.knn_index == "ivf" else {})}
+    kinds = dict.fromkeys(export["modes"][m]["postprocess"] for m in modes)
+    postprocess = {kind: POSTPROCESSORS[kind].package(run_dir, staging, params, settings) for kind in kinds}
     served_info = ServedInfo(name=served.name, version=settings.version, defense=info["defense"], modes=modes,
                              mode_parameter=served.mode_parameter, backend=settings.backend,
-                             knn_k=params.get("knn_k"), knn_temperature=params.get("knn_temperature"), extra=extra)
+                             postprocess={kind: found for kind, found in postprocess.items() if found}, extra=extra)
     (staging / SERVED_JSON).write_text(json.dumps(asdict(served_info), indent=2) + "\n")
     write_manifest(staging)
 
@@ -183,6 +145,7 @@ def package_run(run_dir: str | Path, *, model_store: str | Path = "model_store",
         model_store.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise PackageError(cannot_write(model_store, err, STORE_FIX)) from err
+    restore_artifacts(run_dir, info["config"].get("data_root"))  # a zoo entry comes without THAT's memory bank
     export = current_export(run_dir) or export_run(run_dir)
     served = served_models_of(info["defense"])
     if names:

@@ -35,12 +35,11 @@ import numpy as np
 
 from training.errors import RobustServeError
 from training.onnx_io import EXPORT_JSON, graph_outputs, onnx_session
-from training.pairing import PAIRING_FILE, ClassPairing, read_pairing
+from training.pairing import ClassPairing
 from training.run_files import read_defense_json, sha256_file
 
-from .decode import InputSpec, RequestError, decode_image, is_json_text, parse_json
-from .knn_index import FaissMemoryBank
-from .postprocess import POSTPROCESSORS, ModelContext, Reply, RequestOptions
+from .decode import InputSpec, RequestError, decode_image, is_json_text, option_text, parse_integer, parse_json
+from .postprocess import POSTPROCESSORS, RAW_DUMMY_CLASSES, ModelContext, Reply, RequestOptions
 
 SERVED_JSON = "served.json"
 MANIFEST_JSON = "MANIFEST.json"
@@ -53,7 +52,6 @@ PARAMETER_HEADERS = {"head": "X-Head", "mode": "X-Mode", "k": "X-K", "top_k": "X
 HEADER_PARAMETERS = {header.lower(): parameter for parameter, header in PARAMETER_HEADERS.items()}
 MAX_OPTION_BYTES = 64  # a parameter value from the query string, a form field or a header; refused before decoding
 JSON_CONTENT_TYPES = ("application/json",)
-RAW_DUMMY_CLASSES = "raw_dummy_classes"  # the post-processing of DUCAT's raw 2C scores
 WITHHELD_RAW = ("the raw 2C scores of a model with a secret class pairing reveal the pairing to a client that "
                 "sends enough queries, so this server does not serve them")
 NO_IMAGE = ("no image in the request: send image bytes as the body, JSON {\"image\": <base64>} or "
@@ -109,9 +107,9 @@ class ServedInfo:
     modes: tuple[str, ...]  # the modes this model serves; the first is the default
     mode_parameter: str  # the request field that picks a mode ("head" for DH-AT, "mode" otherwise)
     backend: str
-    knn_k: int | None = None  # default k of a kNN mode
-    knn_temperature: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the FAISS index settings
+    # Per post-processing kind, the settings its PostProcessor.package wrote (kNN: default k, temperature, index)
+    postprocess: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the modes withheld
 
     @classmethod
     def read(cls, folder: Path) -> ServedInfo:
@@ -174,31 +172,12 @@ class Request:
     options: RequestOptions
 
 
-def _text(value: Any) -> Any:
-    """TorchServe hands query and form values as bytes; everything else is already JSON-typed."""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes | bytearray) else value
-
-
 def _short_text(name: str, value: Any) -> Any:
     """A parameter value from the query string, a form field or a header, refused by length before it is decoded."""
     if isinstance(value, bytes | bytearray | str) and len(value) > MAX_OPTION_BYTES:
         raise RequestError(f"the value of {reprlib.repr(name)} is {len(value)} characters long; parameter values "
                            f"are at most {MAX_OPTION_BYTES}", status=413)
-    return _text(value)
-
-
-def _integer(name: str, value: Any, low: int, high: int) -> int:
-    value = _text(value)
-    text = value.strip() if isinstance(value, str) else ""
-    # ASCII digits only: str.isdigit() also accepts e.g. "²", which int() refuses; and at most 18 of them, so
-    # that int() never meets Python's 4300-digit limit (either would raise ValueError: a 500, not a 400).
-    digits = 0 < len(text) <= 18 and text.isascii() and text.isdigit()
-    if isinstance(value, bool) or not (isinstance(value, int) or digits):
-        raise RequestError(f"{name} must be an integer from {low} to {high}, got {reprlib.repr(value)}")
-    number = int(value)
-    if not low <= number <= high:
-        raise RequestError(f"{name} must be from {low} to {high}, got {number}")
-    return number
+    return option_text(value)
 
 
 @dataclass(frozen=True)
@@ -248,11 +227,10 @@ class Runtime:
         self.input_spec = InputSpec(shape=tuple(self.info["input_shape"]))  # type: ignore[arg-type]
         exported = json.loads((self.folder / EXPORT_JSON).read_text())["modes"]
         self.postprocess = {mode: exported[mode]["postprocess"] for mode in self.served.modes}
-        pairing_path, bank = self.folder / PAIRING_FILE, None
-        if "knn" in self.postprocess.values():
-            bank = FaissMemoryBank.load(self.folder, self.served.knn_temperature)
-        pairing = read_pairing(pairing_path) if pairing_path.is_file() else None
-        self.context = ModelContext(tuple(self.info["classes"]), pairing, bank)
+        self.context = ModelContext(tuple(self.info["classes"]))
+        for kind in dict.fromkeys(self.postprocess.values()):
+            POSTPROCESSORS[kind].load(self.folder, self.served.postprocess.get(kind, {}), self.context)
+        pairing = self.context.pairing
         # The modes packaging left out, and any this archive lists that the rule withholds (an archive packaged
         # before the rule): it holds here, where the model is served.
         self.withheld = {**self.served.extra.get("withheld_modes", {}), **withheld_modes(
@@ -264,8 +242,8 @@ class Runtime:
     @property
     def parameters(self) -> tuple[str, ...]:
         """The option names a request may carry."""
-        knn = ("k",) if "knn" in self.postprocess.values() else ()
-        return (self.served.mode_parameter, "top_k", *knn)
+        own = (name for kind in self.postprocess.values() for name in POSTPROCESSORS[kind].parameters)
+        return (self.served.mode_parameter, "top_k", *dict.fromkeys(own))
 
     def describe(self) -> dict[str, Any]:
         """What a client may ask this model (served on GET-like introspection and in the demo)."""
@@ -275,7 +253,7 @@ class Runtime:
                 "parameters": list(self.parameters), "backend": self.backend_name, "device": self.device,
                 "input_shape": list(self.input_spec.shape), "classes": list(self.context.class_names),
                 "knn": None if self.context.bank is None else {"bank_size": len(self.context.bank),
-                                                               "default_k": self.served.knn_k,
+                                                               "default_k": self.context.default_k,
                                                                "index_device": self.context.bank.device}}
 
     def split(self, fields: Mapping[str, Any] | Fields) -> tuple[Any, dict[str, Any]]:
@@ -328,20 +306,15 @@ class Runtime:
         if unknown:
             raise RequestError(f"unknown parameter(s) {', '.join(unknown)} for model {self.served.name}; "
                                f"it takes: {', '.join(self.parameters)}")
-        mode = _text(options.get(self.served.mode_parameter, self.modes[0]))
+        mode = option_text(options.get(self.served.mode_parameter, self.modes[0]))
         if isinstance(mode, str) and mode in self.withheld:  # a JSON list or object is no mode, and unhashable
             raise RequestError(f"{self.served.mode_parameter} {mode} is not served by model {self.served.name}: "
                                f"{self.withheld[mode]}", status=403)
         if mode not in self.modes:
             raise RequestError(f"{self.served.mode_parameter} must be one of {', '.join(self.modes)} for "
                                f"model {self.served.name}, got {reprlib.repr(mode)}")
-        top_k = _integer("top_k", options.get("top_k", 5), 1, MAX_TOP_K)
-        k = None
-        if self.postprocess[mode] == "knn":
-            assert self.context.bank is not None
-            limit = min(len(self.context.bank), 1000)
-            k = _integer("k", options.get("k", self.served.knn_k or 50), 1, limit)
-        return RequestOptions(mode, top_k, k)
+        top_k = parse_integer("top_k", options.get("top_k", 5), 1, MAX_TOP_K)
+        return RequestOptions(mode, top_k, POSTPROCESSORS[self.postprocess[mode]].options(options, self.context))
 
     def parse(self, fields: Mapping[str, Any] | Fields) -> Request:
         payload, options = self.split(fields)
@@ -359,8 +332,8 @@ class Runtime:
         for mode, members in groups.items():
             pixels = np.stack([requests[i].pixels for i in members]).astype(np.float32, copy=False)
             outputs = self.backend.run(mode, pixels)
-            bodies = POSTPROCESSORS[self.postprocess[mode]](outputs, [requests[i].options for i in members],
-                                                             self.context)
+            bodies = POSTPROCESSORS[self.postprocess[mode]].reply(outputs, [requests[i].options for i in members],
+                                                                   self.context)
             for i, body in zip(members, bodies, strict=True):
                 replies[i] = {"model": self.served.name, "version": self.served.version, "mode": mode, **body}
         return replies  # type: ignore[return-value]

@@ -63,3 +63,14 @@ def test_format_table_nests_sections_and_shows_an_empty_one_as_a_row() -> None:
                          title="bench load")
     assert table.splitlines() == ["== bench load ==", "requests          3", "failed_by_status  none", "",
                                   "== latency_ms ==", "p50  1.25", "p99  2.5"]
+
+
+def test_worker_benchmark_starts_a_fresh_worker_without_torch_on_onnx(served_runs, tmp_path):
+    from serving.bench.common import package_and_extract
+    from serving.bench.worker import start_figures
+
+    folders = package_and_extract({"pgd_at": served_runs["pgd_at"]}, tmp_path / "store", tmp_path / "unpacked")
+    onnx = start_figures(folders["pgd_at"], "onnx", repeats=1)
+    eager = start_figures(folders["pgd_at"], "torch", repeats=1)
+    assert not onnx["imports_torch"] and eager["imports_torch"]
+    assert 0 < onnx["start_s"] and 0 < onnx["peak_rss_mib"] < eager["peak_rss_mib"]

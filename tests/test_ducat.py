@@ -202,6 +202,24 @@ def test_widening_keeps_every_prediction_of_a_trained_model(trained_smallcnn, sy
         assert torch.equal(weight[dummy], weight[k]) and bias[dummy].item() == pytest.approx(bias[k].item() - 20)
 
 
+@pytest.mark.parametrize("offset", [0.0, -5.0])
+def test_any_dummy_bias_offset_keeps_every_recovered_prediction(trained_smallcnn, synthetic_batch, offset) -> None:
+    """At offset 0 each dummy ties with its real class, and a tie recovers to the real class."""
+    x, _ = synthetic_batch
+    model = copy.deepcopy(trained_smallcnn)
+    before = model(x).argmax(1)
+    pairing = ClassPairing.random(10, seed=3)
+    widen_with_pairing(model, pairing, offset)
+    assert torch.equal(recover_dummy_classes(model(x), pairing)[0], before)
+    bias = model.classifier.bias
+    assert all(bias[d].item() == pytest.approx(bias[k].item() + offset) for k, d in enumerate(pairing.dummy_of))
+
+
+def test_dummy_bias_offset_must_not_raise_the_dummies() -> None:
+    with pytest.raises(ConfigError, match="dummy_bias_offset"):
+        DUCAT.config("quick", params={"dummy_bias_offset": 1.0})
+
+
 @pytest.mark.parametrize("secret", [False, True])
 def test_initialize_from_a_base_run_keeps_its_predictions(trained_smallcnn, synthetic_batch, tmp_path, secret) -> None:
     x, _ = synthetic_batch

@@ -439,7 +439,7 @@ def keys(served: server.ServerSettings) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def models(served_store: Path) -> dict[str, Model]:
     with zipfile.ZipFile(served_store / "that_knn.mar") as archive:
-        bank = json.loads(archive.read("served.json"))["extra"]["knn_index"]["vectors"]
+        bank = json.loads(archive.read("served.json"))["postprocess"]["knn"]["index"]["vectors"]
     assert 1 < bank < 1000  # k over the bank must be over the bank, not over the runtime's cap of 1000
     return {name: Model(name, bank if name in KNN_MODELS else 0) for name in MODELS}
 

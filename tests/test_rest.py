@@ -287,11 +287,11 @@ def test_predict_command_prints_the_reply(served, images, local, tmp_path, capsy
     image = tmp_path / "x.png"
     image.write_bytes(images[4])
     common = ["--url", served.inference_address, "--state-dir", str(served.state_dir)]
-    assert main(["predict", str(image), "--model", "dhat", "--head", "both", *common]) == 0
+    assert main(["predict", str(image), "--model", "dhat", "--param", "head=both", *common]) == 0
     assert json.loads(capsys.readouterr().out) == local_reply(local["dhat"], images[4], head="both")
-    assert main(["predict", str(image), "--knn", "--k", "3", *common]) == 0
+    assert main(["predict", str(image), "--model", "that_knn", "-p", "k=3", *common]) == 0
     assert len(json.loads(capsys.readouterr().out)["neighbours"]) == 3
-    assert main(["predict", str(image), "--model", "dhat", "--mode", "raw", *common]) == 2
+    assert main(["predict", str(image), "--model", "dhat", "--param", "mode=raw", *common]) == 2
     assert "unknown parameter(s) mode" in capsys.readouterr().err
-    assert main(["predict", str(image), "--model", "ducat", "--mode", "raw", *common]) == 2
+    assert main(["predict", str(image), "--model", "ducat", "--param", "mode=raw", *common]) == 2
     assert "HTTP 403" in capsys.readouterr().err

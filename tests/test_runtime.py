@@ -333,7 +333,7 @@ def test_ivf_index_searching_every_cell_finds_what_the_flat_index_finds(served_r
     [archive] = package_run(served_runs["that"], model_store=tmp_path / "store", settings=settings, names=["that_knn"])
     ivf = Runtime(extract(archive.parent, "that_knn", tmp_path), device="cpu")
     served = json.loads((tmp_path / "that_knn" / "served.json").read_text())
-    assert served["extra"]["knn_index"] == {"kind": "ivf", "vectors": len(ivf.context.bank), "nlist": 8, "nprobe": 8}
+    assert served["postprocess"]["knn"]["index"] == {"kind": "ivf", "vectors": len(ivf.context.bank), "nlist": 8, "nprobe": 8}
     knn = load_run(served_runs["that"]).modes()["knn"]
     x, _ = test_images
     with torch.no_grad():

@@ -27,6 +27,7 @@ from torch import nn
 
 from .checkpoint import write_json
 from .losses import jensen_shannon, kl_clean_to_adv
+
 # The pairing's data part, torch-free for the serving runtime; imported by DUCAT's recipe and tests from here.
 from .pairing import PAIRING_FILE, ClassPairing, read_pairing  # noqa: F401
 

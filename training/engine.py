@@ -26,15 +26,35 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .attacks.attacks import PGD, accuracy
-from .checkpoint import (CheckpointError, load_optimizer_tensors, load_tensors, model_tensors, optimizer_tensors,
-                         save_tensors, weights_digest, write_json)
+from .checkpoint import (
+    CheckpointError,
+    load_optimizer_tensors,
+    load_tensors,
+    model_tensors,
+    optimizer_tensors,
+    save_tensors,
+    weights_digest,
+    write_json,
+)
 from .config import TrainConfig
-from .data import DatasetSpec, load_dataset, plain_train_set
+from .data import load_dataset, plain_train_set
 from .devices import attack_autocast, default_device, step_autocast
-from .recipes import Recipe, Stage, StepContext, get_recipe
-from .runs import (BEST, DEFENSE_JSON, LAST, RUNS_ROOT, LoadedRun, base_config, defense_info, load_run, resolve_base_run,
-                   run_dir_for, run_finished, stage_best_file)
 from .errors import ConfigError, cannot_write
+from .recipes import Recipe, StepContext, get_recipe
+from .runs import (
+    BEST,
+    DEFENSE_JSON,
+    LAST,
+    RUNS_ROOT,
+    LoadedRun,
+    base_config,
+    defense_info,
+    load_run,
+    resolve_base_run,
+    run_dir_for,
+    run_finished,
+    stage_best_file,
+)
 
 
 def learning_rate(config: TrainConfig, progress: float) -> float:

@@ -20,8 +20,8 @@ Each mode's **worst case** is per image: an image counts as robust only if every
 on it failed, on the images all attacks ran on (every subset is a prefix of the same seeded
 permutation, so per-image results line up). A mode whose black-box or transfer figure is below
 its white-box worst case beyond chance (paired interval and exact test, ``training.stats``) is
-marked **unreliable (gradient masking suspected)**, the way RobustBench flags entries. Every accuracy carries its n and Wilson interval
-(``training.stats``).
+marked **unreliable (gradient masking suspected)**, the way RobustBench flags entries. Every accuracy
+carries its n and Wilson interval (``training.stats``).
 
 A finished attack row is stored in ``eval_rows/`` under a key of the weights, the mode, the attack
 and its settings, and is not recomputed: an interrupted evaluation resumes where it stopped, and
@@ -55,8 +55,17 @@ from .devices import default_device
 from .errors import ConfigError
 from .recipes import ServingMode, get_recipe
 from .run_files import sha256_file
-from .runs import (CURVES_PNG, REPORT_JSON, REPORT_MD, ROWS_DIR, TEST_SUBSET_SEED, base_run_dir, load_run,
-                   load_test_subset, train_seconds)
+from .runs import (
+    CURVES_PNG,
+    REPORT_JSON,
+    REPORT_MD,
+    ROWS_DIR,
+    TEST_SUBSET_SEED,
+    base_run_dir,
+    load_run,
+    load_test_subset,
+    train_seconds,
+)
 from .stats import format_difference, format_proportion, paired_difference, proportion
 
 EVAL_FORMAT = 2  # part of every row's key: bumped when an attack's code changes what it computes
@@ -658,8 +667,9 @@ def results_header(reports: Sequence[dict[str, Any]]) -> str:
             f"from (ACT: from its natural model F). Every figure is % with its 95% Wilson interval and n. *Worst case "
             f"per image*: an image counts as robust only if every attack failed on it. *vs base*: the paired "
             f"difference (95% Newcombe interval) with the run the defense starts from or its paper compares with; "
-            f"better or worse only when the interval excludes zero and the exact McNemar test agrees (p < 0.05). *Unreliable*: a black-box or transfer attack beat the white-box worst case "
-            f"beyond chance (the same paired test). Train time includes the base run. Each run's `report.md` has every attack.")
+            f"better or worse only when the interval excludes zero and the exact McNemar test agrees (p < 0.05). "
+            f"*Unreliable*: a black-box or transfer attack beat the white-box worst case beyond chance (the same "
+            f"paired test). Train time includes the base run. Each run's `report.md` has every attack.")
     return text + ("\n\n" + PIPELINE_CHECK if presets == {"quick"} else "")
 
 

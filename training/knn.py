@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import save_tensors
+
 # MEMORY_BANK, the bank's file name: packaging, THAT's recipe and the benchmarks import it from here.
 from .run_files import MEMORY_BANK, read_memory_bank  # noqa: F401
 

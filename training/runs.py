@@ -29,7 +29,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, code_version, load_tensors, model_tensors, weights_digest
 from .config import TrainConfig
-from .data import DatasetSpec, load_dataset
+from .data import DatasetSpec, load_dataset, plain_train_set
 from .errors import ConfigError
 from .recipes import ServingMode, get_recipe
 from .run_files import DEFENSE_JSON, read_defense_json
@@ -189,6 +189,19 @@ def load_run(run_dir: str | Path, *, which: str = "best", device: str | torch.de
         raise CheckpointError(f"the weights in {run_dir} do not fit a {info['architecture']} "
                               f"for {info['defense']}: {str(err).splitlines()[0]}") from err
     return LoadedRun(run_dir, info, model.to(device).eval())
+
+
+def restore_artifacts(run_dir: Path, data_root: str | None = None) -> None:
+    """Rebuild the artifacts a run folder was copied without (the model zoo leaves out THAT's memory bank)
+    when a serving mode lacks them: the recipe's own ``finish`` from the best weights and the training set,
+    as at the end of training."""
+    run = load_run(run_dir)
+    recipe = get_recipe(run.info["defense"])
+    if set(run.modes()) == set(recipe.serving_modes):
+        return
+    train_set, spec = plain_train_set(run.info["dataset"], data_root)
+    with torch.no_grad():
+        recipe.finish(run.model, Path(run_dir), train_set, spec, TrainConfig(**run.info["config"]))
 
 
 def load_test_subset(info: dict[str, Any], n: int | None, data_root: str | None) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -10,7 +10,8 @@ Modules, each importing only those above it (``__init__`` imports them all; none
   (their runs, archives, server settings, endpoints and requests);
 * ``compute``: ``attacks``, ``at-step`` and ``all`` (PGD throughput, the adversarial-training step, FLOPs);
 * ``serve``: ``serve`` (REST latency and overhead, ONNX vs eager, kNN indexes, the proxy's cost);
-* ``load``: ``load`` (a bounded load on a real TorchServe, a worker killed under it).
+* ``load``: ``load`` (a bounded load on a real TorchServe, a worker killed under it);
+* ``worker``: ``worker`` (a serving worker's start-up time and peak memory, per model and backend).
 
 The machine and versions every result names come from ``training.environment``.
 """
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import compute, load, serve
+from . import compute, load, serve, worker
 
 
 @dataclass(frozen=True)
@@ -43,4 +44,6 @@ BENCHMARKS: dict[str, Benchmark] = {benchmark.name: benchmark for benchmark in (
               serve.add_options, serve.run),
     Benchmark("load", "concurrent clients on every served endpoint (failures, p50/p99, req/s), optionally with a "
                       "worker killed under it", load.add_options, load.run),
+    Benchmark("worker", "a serving worker's start-up time and peak memory per served model and backend",
+              worker.add_options, worker.run),
 )}

@@ -40,8 +40,26 @@ from serving.server import ServerSettings, read_keys, running
 from training.environment import describe_environment
 from training.errors import ConfigError
 
-from .common import (DHAT, KNN_K, NO_REPLY, PLAIN, SERVED_AS, Clock, Endpoint, Reply, add_run_options, endpoints,
-                     eval_images, find_runs, given, now, package_and_extract, percentiles_ms, send, server_settings)
+from .common import (
+    DHAT,
+    KNN_K,
+    NO_REPLY,
+    PLAIN,
+    SERVED_AS,
+    Clock,
+    Endpoint,
+    Reply,
+    add_run_options,
+    endpoints,
+    eval_images,
+    find_runs,
+    given,
+    now,
+    package_and_extract,
+    percentiles_ms,
+    send,
+    server_settings,
+)
 
 TEMP_PREFIX = "robustserve-bench-load-"  # the temporary folder (model store, server state); tests look for it
 MAX_CLIENTS, MAX_SECONDS = 64, 600.0
@@ -229,7 +247,7 @@ def bench_load(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path]
 
     ``runs``: recipe -> run folder, instead of the ``preset`` run folders in ``runs_root`` (``find_runs``).
     """
-    from serving.package import served_models_of
+    from serving.served_models import served_models_of
     from training.knn import MEMORY_BANK, MemoryBank
 
     check_bounds(clients, seconds)

@@ -48,9 +48,29 @@ from serving.client import Client
 from training.environment import describe_environment
 from training.errors import ConfigError
 
-from .common import (DHAT, KNN_K, PLAIN, RESNET_MODEL, SERVED_AS, WARMUP, BenchmarkError, Clock, Endpoint, Reply,
-                     add_run_options, endpoints, eval_images, find_runs, given, p50_ms, package_and_extract,
-                     percentiles_ms, send, server_settings, timed)
+from .common import (
+    DHAT,
+    KNN_K,
+    PLAIN,
+    RESNET_MODEL,
+    SERVED_AS,
+    WARMUP,
+    BenchmarkError,
+    Clock,
+    Endpoint,
+    Reply,
+    add_run_options,
+    endpoints,
+    eval_images,
+    find_runs,
+    given,
+    p50_ms,
+    package_and_extract,
+    percentiles_ms,
+    send,
+    server_settings,
+    timed,
+)
 from .compute import forward_flops_per_image
 
 RESNET_IMAGE_SIZE = ("ROBUSTSERVE_IMAGE_SIZE", "32")  # the ImageFolder loader's image size, for its data
@@ -233,7 +253,7 @@ def bench_proxy(url: str, front: proxy.ProxySettings, token: str, endpoint: Endp
     figures: dict[str, Any] = {"endpoint": endpoint.label, "turns": PROXY_TURNS}
     for n in clients:
         times: dict[str, list[float]] = {route: [] for route in routes}
-        for route, (address, context) in routes.items():
+        for address, context in routes.values():  # warm-up
             load_replies(address, token, endpoint, bodies, n, max(20, 2 * n), context)
         for _ in range(PROXY_TURNS):
             for route, (address, context) in routes.items():
@@ -260,7 +280,7 @@ def bench_local(runtime, png: bytes, options: Mapping[str, Any], repeats: int) -
     outputs = runtime.backend.run(mode, pixels)
     postprocess = POSTPROCESSORS[runtime.postprocess[mode]]
     p50 = p50_ms({"forward": lambda: runtime.backend.run(mode, pixels),
-                  "postprocess": lambda: postprocess(outputs, [request.options], runtime.context),
+                  "postprocess": lambda: postprocess.reply(outputs, [request.options], runtime.context),
                   "infer": lambda: runtime.infer([request]),
                   "handle": lambda: runtime.handle([fields])}, repeats)
     return {"mode": mode, **{f"{name}_ms": value for name, value in p50.items()}}

@@ -1,6 +1,20 @@
 """Attacks: one PGD core (``core``) and the named attacks built on it (``attacks``)."""
 
-from .attacks import ATTACKS, APGD, DRA, FGSM, PGD, Attack, AutoAttackStandard, FGSMRandomStart, Square, accuracy, correct_flags, build_attack, keep_top_fraction
+from .attacks import (
+    APGD,
+    ATTACKS,
+    DRA,
+    FGSM,
+    PGD,
+    Attack,
+    AutoAttackStandard,
+    FGSMRandomStart,
+    Square,
+    accuracy,
+    build_attack,
+    correct_flags,
+    keep_top_fraction,
+)
 from .core import OBJECTIVES, THREAT_MODELS, attack_mode, perturb, pgd
 
 __all__ = [

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .core import BNMode, attack_mode, perturb, pgd
 from ..errors import ConfigError
+from .core import BNMode, attack_mode, perturb, pgd
 
 
 class Attack(ABC):

@@ -141,7 +141,8 @@ def attack_mode(model: nn.Module, bn_mode: BNMode = "eval") -> Iterator[None]:
         model.eval()
     elif bn_mode == "train":
         model.train()
-        saved = [(buf, buf.detach().clone()) for name, buf in model.named_buffers() if "running_" in name or "num_batches" in name]
+        saved = [(buf, buf.detach().clone()) for name, buf in model.named_buffers()
+                 if "running_" in name or "num_batches" in name]
     else:
         raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
     try:

@@ -87,12 +87,13 @@ class StagedNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(x))
 
-    def widen_classifier(self, factor: int = 2) -> None:
+    def widen_classifier(self, factor: int = 2, bias_offset: float = -20.0) -> None:
         """Grow the classifier from C to ``factor * C`` outputs (DUCAT's dummy classes).
 
-        The first C rows keep their weights. The new rows copy the original weights and get a
-        bias far below the original ones, so every prediction of a trained model is unchanged
-        at the start while the dummy rows already point in a useful direction.
+        The first C rows keep their weights. The new rows copy the original weights and their bias
+        plus ``bias_offset`` (<= 0), so every prediction of a trained model is unchanged at the start
+        (at 0 a tie, which recovers to the real class) while the dummy rows already point in a
+        useful direction.
         """
         old = self.classifier
         c = old.out_features
@@ -101,5 +102,5 @@ class StagedNet(nn.Module):
             new.weight.copy_(old.weight.repeat(factor, 1))
             bias = old.bias if old.bias is not None else torch.zeros(c, device=old.weight.device)
             new.bias[:c].copy_(bias)
-            new.bias[c:].copy_(bias.repeat(factor - 1) - 20.0)
+            new.bias[c:].copy_(bias.repeat(factor - 1) + bias_offset)
         self.classifier = new

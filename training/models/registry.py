@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .base import StagedNet
 from ..errors import ConfigError
+from .base import StagedNet
 
 
 @dataclass(frozen=True)

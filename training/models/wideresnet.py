@@ -50,7 +50,8 @@ def wide_resnet(
     stages, cin = [], 16
     for i, width in enumerate(widths):
         stride = 1 if i == 0 else 2
-        stages.append(nn.Sequential(*(WideBasicBlock(cin if j == 0 else width, width, stride if j == 0 else 1) for j in range(n))))
+        stages.append(nn.Sequential(*(WideBasicBlock(cin if j == 0 else width, width, stride if j == 0 else 1)
+                                      for j in range(n))))
         cin = width
     return StagedNet(
         normalize=Normalize(mean, std),

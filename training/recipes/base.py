@@ -118,6 +118,9 @@ class ServingMode:
     description: str
     attack_surfaces: dict[str, nn.Module] = field(default_factory=dict)
     differentiable: bool = True
+    # The surface an interactive attacker (the demo) differentiates instead of ``module``, with why: where the
+    # served output has an inference-time step that hides the gradient. None: ``module`` itself.
+    adaptive_surface: tuple[str, str] | None = None
     transfer_sources: dict[str, nn.Module] = field(default_factory=dict)
     transfer_from_base: bool = True
     graph: nn.Module | None = None
@@ -182,7 +185,8 @@ class Recipe(ABC):
         """The serving modes of a trained ``model`` (artifacts such as a memory bank come from ``run_dir``)."""
         return {"default": ServingMode(model, "the network's logits")}
 
-    def finish(self, model: nn.Module, run_dir: Path, train_set: Any, spec: DatasetSpec, config: TrainConfig) -> None:
+    def finish(self, model: nn.Module, run_dir: Path, train_set: Any, spec: DatasetSpec,  # noqa: B027 (optional hook)
+               config: TrainConfig) -> None:
         """Write artifacts derived from the best weights into ``run_dir`` (atomically). Default: none."""
 
 

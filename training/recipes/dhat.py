@@ -71,7 +71,8 @@ def _dual(model: nn.Module) -> DualHeadNet:
 @register_recipe
 class DHAT(Recipe):
     id = "dhat"
-    reference = "WRN-34-10, CIFAR-10: final model clean 86.8, PGD-40 59.3, AutoAttack 55.4; its TRADES main head alone 85.0 / 55.9 / 53.1 (Table I)"
+    reference = ("WRN-34-10, CIFAR-10: final model clean 86.8, PGD-40 59.3, AutoAttack 55.4; its TRADES main head alone "
+                 "85.0 / 55.9 / 53.1 (Table I)")
     description = ("Jiang et al.: a second head at the end of the first residual group, trained with other "
                    "hyper-parameters beside a frozen main network, merged by a lightweight aggregator CNN")
     serving_modes = ("main", "second", "both")

@@ -32,9 +32,19 @@ from torch import nn
 from ..checkpoint import CheckpointError
 from ..config import TrainConfig
 from ..data import DatasetSpec
-from ..dummy_classes import (PAIRING_FILE, ClassPairing, MergedClassScores, RecoveredScores, ducat_consistency_loss,
-                             ducat_loss, ducat_mart_loss, ducat_trades_loss, read_pairing, recovered_scores,
-                             write_pairing)
+from ..dummy_classes import (
+    PAIRING_FILE,
+    ClassPairing,
+    MergedClassScores,
+    RecoveredScores,
+    ducat_consistency_loss,
+    ducat_loss,
+    ducat_mart_loss,
+    ducat_trades_loss,
+    read_pairing,
+    recovered_scores,
+    write_pairing,
+)
 from ..errors import ConfigError
 from ..models import StagedNet
 from .base import ServingMode, SingleStageRecipe, StepContext, get_method, register_recipe
@@ -54,16 +64,21 @@ def trained_pairing(model: nn.Module) -> ClassPairing:
     return ClassPairing.identity(model.classifier.out_features // 2)
 
 
-def widen_with_pairing(model: StagedNet, pairing: ClassPairing) -> None:
+# The dummy rows' start below their real rows. At -20 a dummy cannot win until training has moved it by
+# 20 logits; under Eq. 9 the adversarial target lowers the real logit from the first step meanwhile.
+DUMMY_BIAS_OFFSET = -20.0
+
+
+def widen_with_pairing(model: StagedNet, pairing: ClassPairing, bias_offset: float = DUMMY_BIAS_OFFSET) -> None:
     """Widen ``model``'s C-class classifier to 2C outputs with each dummy row where ``pairing`` puts it.
 
     ``widen_classifier`` keeps the C real rows and gives class k's dummy output C + k a copy of row
-    k with its bias lowered by 20, so predictions are unchanged at the start while the dummy rows
-    already point the right way (the paper's doubleLastLayer is not specified further). A secret
+    k with its bias moved by ``bias_offset``, so predictions are unchanged at the start while the dummy
+    rows already point the right way (the paper's doubleLastLayer is not specified further). A secret
     pairing then moves each copy to output ``dummy_of[k]``.
     """
     c = model.num_outputs
-    model.widen_classifier(2)
+    model.widen_classifier(2, bias_offset)
     if not pairing.is_identity:
         # Output C + j must hold the copy of the real class whose dummy it is.
         order = pairing.real_class_index()[c:]
@@ -81,7 +96,8 @@ def _method(config: TrainConfig) -> str:
 @register_recipe
 class DUCAT(SingleStageRecipe):
     id = "ducat"
-    reference = "ResNet-18, CIFAR-10, PGD-AT + DUCAT: clean 88.8, PGD-10 65.1, AutoAttack 58.6 under attacks blind to the recovery step; PGD-AT alone 82.9 / 51.8 / 46.7 (Table 1)"
+    reference = ("ResNet-18, CIFAR-10, PGD-AT + DUCAT: clean 88.8, PGD-10 65.1, AutoAttack 58.6 under attacks blind to the "
+                 "recovery step; PGD-AT alone 82.9 / 51.8 / 46.7 (Table 1)")
     description = ("Wang et al.: 2C outputs, a dummy class per class; soft labels send clean images mostly to the "
                    "real class, adversarial ones mostly to its dummy; a dummy prediction is recovered at run time")
     serving_modes = ("recovered", "raw")
@@ -142,6 +158,10 @@ class DUCAT(SingleStageRecipe):
         if not isinstance(start, int) or not 0 <= start < epochs:
             raise ConfigError(f"ducat needs an integer params.start_epoch in [0, {epochs}) (the epochs of this run); "
                               f"got {start!r}")
+        offset = params.get("dummy_bias_offset", DUMMY_BIAS_OFFSET)
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or offset > 0:
+            raise ConfigError(f"params.dummy_bias_offset must be a number <= 0 (dummy rows start at or below their real "
+                              f"rows); got {offset!r}")
         if not isinstance(params.get("secret_pairing"), bool):
             raise ConfigError(f"params.secret_pairing must be true or false; got {params.get('secret_pairing')!r}")
 
@@ -151,7 +171,7 @@ class DUCAT(SingleStageRecipe):
         pairing = (ClassPairing.random(c, int(config.params["pairing_seed"])) if config.params.get("secret_pairing")
                    else ClassPairing.identity(c))
         model = self.build_backbone(spec, config)
-        widen_with_pairing(model, pairing)
+        widen_with_pairing(model, pairing, config.params.get("dummy_bias_offset", DUMMY_BIAS_OFFSET))
         return model
 
     def initialize(self, model: nn.Module, base: LoadedRun, config: TrainConfig) -> None:
@@ -162,7 +182,7 @@ class DUCAT(SingleStageRecipe):
             raise CheckpointError(f"the base run {base.run_dir} has {base.model.num_outputs} outputs; ducat "
                                   f"widens a {pairing.num_classes}-class network")
         widened = copy.deepcopy(base.model)
-        widen_with_pairing(widened, pairing)
+        widen_with_pairing(widened, pairing, config.params.get("dummy_bias_offset", DUMMY_BIAS_OFFSET))
         model.load_state_dict(widened.state_dict())
 
     def loss(self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +236,8 @@ class DUCAT(SingleStageRecipe):
                     # The paper's own attacks: CE of the real class over the 2C logits, blind to the recovery.
                     "raw_logits": model,
                 },
+                adaptive_surface=("merged", "DUCAT's merged class scores log(p_k + p_dummy(k)) with the class "
+                                            "pairing known: the gradient sees through the dummy-class recovery"),
                 # The pairing stays out of the exported graph: the runtime recovers with pairing.json.
                 # The served argmax maps through the pairing table: Square queries it as it is served.
                 differentiable=False,

@@ -225,7 +225,8 @@ def knn_attack_surfaces(query: nn.Module, bank: MemoryBank, p: THATParams) -> di
 class THAT(Recipe):
     id = "that"
     compared_with = "pgd_at"
-    reference = "ImageNet (not CIFAR-10), ResNet-152, targeted AT: classifier clean 60.4, PGD-1000 44.2; kNN (top-50) PGD-10 35.4 (Tables 1, 3)"
+    reference = ("ImageNet (not CIFAR-10), ResNet-152, targeted AT: classifier clean 60.4, PGD-1000 44.2; kNN (top-50) "
+                 "PGD-10 35.4 (Tables 1, 3)")
     description = ("Wu et al. 2021: a frozen clean encoder, and a robust two-head network trained with "
                    "normalised CE + a contrastive loss to the clean features; classifier or kNN serving")
     serving_modes = ("classifier", "knn")
@@ -363,6 +364,8 @@ class THAT(Recipe):
             f"images, queried with the robust feature head",
             attack_surfaces={"classifier_head": model.robust, **knn_attack_surfaces(query, bank, p)},
             differentiable=False,  # a hard top-k vote: Square queries it as it is served
+            adaptive_surface=("soft_knn", "a soft, differentiable kNN vote over THAT's memory bank: the gradient "
+                                          "sees through the hard top-k vote"),
             # Only the query encoder is exported; the runtime searches FAISS and votes (Eq. 8).
             graph=query, postprocess="knn", scores_from_graph=knn.vote)
         return modes

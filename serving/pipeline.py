@@ -1,0 +1,90 @@
+"""The main job (`robustserve run`, `make run`): runs in, served models out.
+
+Two ways in: train and evaluate every recipe of a preset into a runs folder, reusing finished runs
+and stored attack rows (``train_and_evaluate``, then ``write_results``), or take the committed model
+zoo as it is (``zoo_runs``). Either way ``serve_runs`` packages the runs and (re)starts TorchServe
+over them. The command line (``serving.cli``) parses options, calls these and opens the demo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from training.errors import ConfigError
+
+
+def train_and_evaluate(recipe_ids: Sequence[str], preset: str, runs_root: Path,
+                       suite: Mapping[str, Any]) -> tuple[list[Path], list[dict[str, Any]]]:
+    """Train each recipe's ``preset`` run into ``runs_root`` unless it is finished (resuming an
+    interrupted one), evaluate it with ``suite`` (``evaluate_run``'s settings; stored attack rows are
+    read back) and return the run folders and their reports."""
+    from training.engine import train
+    from training.evaluate import evaluate_run
+    from training.recipes import get_recipe
+    from training.runs import run_dir_for, run_finished
+
+    run_dirs, reports = [], []
+    for recipe_id in recipe_ids:
+        config = get_recipe(recipe_id).config(preset)
+        run_dir = run_dir_for(config, runs_root)
+        finished = run_finished(run_dir)
+        print(f"== {recipe_id}: {'reusing ' + str(run_dir) if finished else 'training into ' + str(run_dir)}", flush=True)
+        if not finished:
+            train(config, run_dir, resume=True, runs_root=runs_root)
+        reports.append(evaluate_run(run_dir, **suite, progress=True))
+        run_dirs.append(run_dir)
+    return run_dirs, reports
+
+
+def write_results(reports: Sequence[dict[str, Any]], preset: str, path: Path) -> str:
+    """RESULTS.md from the reports: the machine, the suite and the table. Returns the table."""
+    from training.checkpoint import write_text
+    from training.environment import describe_environment
+    from training.evaluate import format_results_table, results_header
+    from training.recipes import RECIPES
+
+    table = format_results_table(reports, references={r.id: r.reference for r in RECIPES.values() if r.reference})
+    env = describe_environment()
+    header = (f"# Results ({preset} preset)\n\nMade by `robustserve run --preset {preset}` on "
+              f"{env['device_name']}, {env['torch_threads']} torch threads, torch {env['torch']}, "
+              f"{datetime.now(timezone.utc):%Y-%m-%d}. " + results_header(reports) + "\n\n")
+    write_text(path, header + table + "\n")
+    return table
+
+
+def zoo_runs(zoo_root: Path, recipe_ids: Sequence[str]) -> list[Path]:
+    """The zoo's entries (``training.zoo``) of ``recipe_ids``."""
+    from training.zoo import entries
+
+    found = entries(zoo_root)
+    missing = [r for r in recipe_ids if r not in found]
+    if missing:
+        raise ConfigError(f"the model zoo in {zoo_root} has no {', '.join(missing)} (it has {', '.join(found) or 'none'}); "
+                          f"train them with `robustserve run --preset standard` and add them (`robustserve zoo add`)")
+    return [found[r] for r in recipe_ids]
+
+
+def serve_runs(run_dirs: Sequence[Path], model_store: Path) -> Path:
+    """Package every run, (re)start TorchServe over the store, print a curl example per behaviour and
+    return the server's state folder."""
+    from serving import server
+    from serving.client import curl_examples, write_example_image
+    from serving.package import package_run
+
+    models = []
+    for run_dir in run_dirs:
+        names = [archive.stem for archive in package_run(run_dir, model_store=model_store)]
+        print(f"== packaged {run_dir} as {', '.join(names)}", flush=True)
+        models += names
+    settings = server.ServerSettings(model_store=model_store, models=tuple(f"{m}.mar" for m in models))
+    if server.stop(settings):
+        print("== stopped the TorchServe that was running from this folder", flush=True)
+    state = server.start(settings)
+    image = write_example_image(run_dirs[0], settings.state_dir.absolute() / "example.png")
+    print(f"== TorchServe is serving {', '.join(state.models)} on {state.inference_address} (127.0.0.1 only; the API "
+          f"keys are in {state.key_file}; `robustserve serve stop` stops it). Try:")
+    print("\n".join(curl_examples(state.inference_address, state.key_file, image, models)))
+    return settings.state_dir
