@@ -40,13 +40,17 @@ def train_and_evaluate(recipe_ids: Sequence[str], preset: str, runs_root: Path,
 
 
 def write_results(reports: Sequence[dict[str, Any]], preset: str, path: Path) -> str:
-    """RESULTS.md from the reports: the machine, the suite and the table. Returns the table."""
+    """RESULTS.md from the reports: the machine, the suite and the table, and beyond the quick pipeline check
+    the reproduction table of each paper's claims. Returns the text after the header."""
     from training.checkpoint import write_text
     from training.environment import describe_environment
     from training.evaluate import format_results_table, results_header
     from training.recipes import RECIPES
+    from training.reproduction import REPRODUCTION_NOTE, format_reproduction_table
 
     table = format_results_table(reports, references={r.id: r.reference for r in RECIPES.values() if r.reference})
+    if preset != "quick":
+        table += f"\n## Reproduction of each paper's claims\n\n{REPRODUCTION_NOTE}\n\n{format_reproduction_table(reports)}"
     env = describe_environment()
     header = (f"# Results ({preset} preset)\n\nMade by `robustserve run --preset {preset}` on "
               f"{env['device_name']}, {env['torch_threads']} torch threads, torch {env['torch']}, "

@@ -77,6 +77,26 @@ class StepContext:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """One central claim of a defense's paper, restated for this project's setting as a paired comparison on the
+    same test images (``training.reproduction`` measures it).
+
+    ``mode`` of this recipe's run against ``against``: ``"<recipe>"`` (that run's first mode), ``"<recipe>:<mode>"``
+    or ``":<mode>"`` (another mode of this run). ``metric`` is ``"clean"``, ``"worst_case"`` (per image over every
+    attack) or an attack row's id (``"pgd-ce@raw_logits"``); ``against_metric`` the other side's, default the same.
+    ``expect``: ``"better"``, or ``"no worse"`` (the interval of the difference stays above ``-margin``).
+    """
+
+    text: str
+    mode: str
+    against: str
+    metric: str
+    expect: str = "better"
+    against_metric: str | None = None
+    margin: float = 0.01
+
+
+@dataclass(frozen=True)
 class Stage:
     """One training stage of a recipe."""
 
@@ -148,6 +168,8 @@ class Recipe(ABC):
     # The recipe a run is compared with in the results ("vs base") when it has no base run of its own:
     # the baseline its paper measures itself against.
     compared_with: ClassVar[str | None] = None
+    # Its paper's central claims, restated for the standard preset (RESULTS.md's reproduction table).
+    claims: ClassVar[tuple[Claim, ...]] = ()
 
     def config(self, preset: str, **overrides: Any) -> TrainConfig:
         """The ``TrainConfig`` of ``preset`` with ``overrides`` applied on top."""

@@ -36,7 +36,7 @@ from ..config import TrainConfig
 from ..data import DatasetSpec
 from ..errors import ConfigError
 from ..models.dual_head import DualHeadNet, HeadView
-from .base import Loss, Recipe, ServingMode, Stage, StepContext, get_method, register_recipe
+from .base import Claim, Loss, Recipe, ServingMode, Stage, StepContext, get_method, register_recipe
 from .baselines import CIFAR_EPS, QUICK, STANDARD
 
 if TYPE_CHECKING:
@@ -76,6 +76,10 @@ class DHAT(Recipe):
     description = ("Jiang et al.: a second head at the end of the first residual group, trained with other "
                    "hyper-parameters beside a frozen main network, merged by a lightweight aggregator CNN")
     serving_modes = ("main", "second", "both")
+    claims = (
+        Claim("the aggregated `both` beats its main network under the worst-case attack", "both", ":main", "worst_case"),
+        Claim("... at no loss of clean accuracy", "both", ":main", "clean", expect="no worse"),
+    )
     bases = ("trades", "pgd_at", "mart")
     presets = {
         # Section IV-A, WRN-34-10 on CIFAR-10, symmetric heads, "TRADES with different lambdas":

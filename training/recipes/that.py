@@ -54,7 +54,7 @@ from ..data import DatasetSpec
 from ..errors import ConfigError
 from ..knn import MEMORY_BANK, KNNClassifier, MemoryBank, NearestClassFeatures, SoftKNN, TopKSoftKNN, build_memory_bank
 from ..models.two_head import CleanEncoder, FeatureQueue, RobustFeatures, THATModel, TwoHeadNet
-from .base import Recipe, ServingMode, Stage, StepContext, register_recipe
+from .base import Claim, Recipe, ServingMode, Stage, StepContext, register_recipe
 from .baselines import QUICK, STANDARD
 
 ATTACK_TARGETS = ("random", "none")
@@ -225,6 +225,15 @@ def knn_attack_surfaces(query: nn.Module, bank: MemoryBank, p: THATParams) -> di
 class THAT(Recipe):
     id = "that"
     compared_with = "pgd_at"
+    # Tables 1 and 3: the classifier head and the kNN mode both more robust than standard adversarial training.
+    claims = (
+        Claim("the classifier head more robust than PGD-AT (worst case per image)", "classifier", "pgd_at",
+              "worst_case"),
+        Claim("the kNN mode more robust than PGD-AT (worst case per image, adaptive soft-vote attacks included)",
+              "knn", "pgd_at", "worst_case"),
+        Claim("the classifier head's clean accuracy no lower than PGD-AT's", "classifier", "pgd_at", "clean",
+              expect="no worse"),
+    )
     reference = ("ImageNet (not CIFAR-10), ResNet-152, targeted AT: classifier clean 60.4, PGD-1000 44.2; kNN (top-50) "
                  "PGD-10 35.4 (Tables 1, 3)")
     description = ("Wu et al. 2021: a frozen clean encoder, and a robust two-head network trained with "

@@ -1,0 +1,98 @@
+"""The reproduction table: each paper's central claims (``Recipe.claims``), measured on our evaluation reports.
+
+A claim compares one serving mode of a defense's run with another run or mode, on the same test images: the
+paired difference of their per-image results (clean, the worst case over every attack, or one attack row),
+with its 95% Newcombe interval and the exact McNemar test (``training.stats``). Its verdict:
+
+* ``better`` expected: **holds** when the difference is called better, **does not hold** when it is called
+  worse, else **no detectable difference**;
+* ``no worse`` expected (within ``margin``): **holds** when the whole interval lies above ``-margin``, **does
+  not hold** when the difference is called worse, else **no detectable difference**.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .evaluate import decode_flags, primary_mode
+from .recipes import RECIPES, Claim
+from .stats import PairedDifference, format_difference, format_proportion, paired_difference
+
+HOLDS, FAILS, UNDECIDED, MISSING = "holds", "does not hold", "no detectable difference", "not measured"
+REPRODUCTION_NOTE = ("Each paper's central claims, restated for this setting (Fashion-MNIST, SmallCNN, Linf eps 0.1) and "
+                     "measured on the same test images: figures in % with their 95% Wilson interval and n, the paired "
+                     "difference in points with its 95% Newcombe interval. *Holds* when the difference is called in the "
+                     "claimed direction (interval and exact McNemar test agree), *does not hold* when it is called the "
+                     "other way, and *no worse* claims hold when the whole interval stays above -1 point.")
+
+
+@dataclass(frozen=True)
+class Measured:
+    claim: Claim
+    defense: str
+    ours: dict[str, Any] | None  # the figure (a row or a worst case) of each side
+    theirs: dict[str, Any] | None
+    theirs_label: str
+    difference: PairedDifference | None
+
+    @property
+    def verdict(self) -> str:
+        if self.difference is None:
+            return MISSING
+        called = self.difference.verdict
+        if called == "worse":
+            return FAILS
+        if self.claim.expect == "better":
+            return HOLDS if called == "better" else UNDECIDED
+        return HOLDS if self.difference.low > -self.claim.margin else UNDECIDED
+
+
+def _figure(report: dict[str, Any], mode: str, metric: str) -> dict[str, Any] | None:
+    if mode not in report["modes"]:
+        return None
+    if metric == "worst_case":
+        return report["worst_case"].get(mode)
+    return next((r for r in report["results"] if r["mode"] == mode and r["attack"] == metric), None)
+
+
+def measure_claim(claim: Claim, defense: str, reports: Mapping[str, dict[str, Any]]) -> Measured:
+    """``claim`` of ``defense`` on the reports by defense id (missing runs or rows give a ``not measured``)."""
+    recipe, _, mode = claim.against.partition(":")
+    other = reports.get(recipe or defense)
+    ours_report = reports.get(defense)
+    if other is not None and not mode:
+        mode = primary_mode(other)
+    label = f"{recipe or defense} {mode}".strip()
+    ours = None if ours_report is None else _figure(ours_report, claim.mode, claim.metric)
+    theirs = None if other is None else _figure(other, mode, claim.against_metric or claim.metric)
+    difference = None
+    if ours is not None and theirs is not None:
+        a, b = decode_flags(ours["correct"], ours["n"]), decode_flags(theirs["correct"], theirs["n"])
+        common = min(a.numel(), b.numel())  # every subset is a prefix of one permutation: images line up
+        difference = paired_difference(a[:common].tolist(), b[:common].tolist())
+    return Measured(claim, defense, ours, theirs, label, difference)
+
+
+def measure_claims(reports: Sequence[dict[str, Any]]) -> list[Measured]:
+    """Every registered recipe's claims whose run is among ``reports``."""
+    by_defense = {report["run"]["defense"]: report for report in reports}
+    return [measure_claim(claim, recipe.id, by_defense) for recipe in RECIPES.values() if recipe.id in by_defense
+            for claim in recipe.claims]
+
+
+def _cell(figure: dict[str, Any] | None) -> str:
+    return "-" if figure is None else format_proportion(figure["accuracy"], *figure["ci95"], figure["n"])
+
+
+def format_reproduction_table(reports: Sequence[dict[str, Any]]) -> str:
+    """RESULTS.md's reproduction table: one row per claim, its two figures, the paired difference and the verdict."""
+    lines = ["| defense | claim (restated for this setting) | ours | against | theirs | paired difference | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for m in measure_claims(reports):
+        metric = m.claim.metric if m.claim.against_metric is None else f"{m.claim.metric} vs {m.claim.against_metric}"
+        difference = "-" if m.difference is None else format_difference(m.difference, with_verdict=False)
+        lines.append(f"| {m.defense} {m.claim.mode} | {m.claim.text} ({metric}) | {_cell(m.ours)} | {m.theirs_label} | "
+                     f"{_cell(m.theirs)} | {difference} | **{m.verdict}** |")
+    return "\n".join(lines) + "\n"
