@@ -295,3 +295,25 @@ def test_predict_command_prints_the_reply(served, images, local, tmp_path, capsy
     assert "unknown parameter(s) mode" in capsys.readouterr().err
     assert main(["predict", str(image), "--model", "ducat", "--param", "mode=raw", *common]) == 2
     assert "HTTP 403" in capsys.readouterr().err
+
+
+def test_the_printed_curl_examples_get_answers(served, images, tmp_path):
+    """`robustserve run` prints a curl line per served model and per way of sending a parameter: each one works."""
+    import subprocess
+
+    from serving.client import curl_examples
+    from serving.served_models import SERVED_MODELS
+
+    image = tmp_path / "x.png"
+    image.write_bytes(images[0])
+    models = [name for name in SERVED_MODELS if (served.model_store / f"{name}.mar").is_file()]
+    lines = curl_examples(served.inference_address, served.key_file, image, models)
+    commands = [line for line in lines if line.startswith("curl ")]
+    assert len(commands) == len(models) + 3  # one per model, and a form field, a header and a JSON body
+    script = "\n".join(line for line in lines if not line.startswith("curl ")) + "\n" + \
+             "\n".join(f"{command} || echo FAILED" for command in commands)
+    replies = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(replies) == len(commands)
+    for command, reply in zip(commands, replies, strict=True):
+        body = json.loads(reply)
+        assert "prediction" in body and body["model"] in command, (command, reply)
