@@ -1,21 +1,27 @@
-# robustserve: `make run` (the main job) and `make test`, both from a fresh machine.
+# robustserve: `make run` (the main job) and `make test`, both from a fresh machine; `make test-unit`: the unit tests
+# alone (tests/unit, seconds), which need only the Python environment.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the product needs: Java for TorchServe, the default dataset, Chromium for the demo's browser test,
-# nginx for the TLS proxy in front of TorchServe (`robustserve serve start --proxy`, tests/test_proxy.py).
+# nginx for the TLS proxy in front of TorchServe (`robustserve serve start --proxy`, tests/integration/test_proxy.py).
 APT_PACKAGES := openjdk-17-jre-headless dataset-fashion-mnist chromium nginx
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: run test install system clean
+.PHONY: run test test-unit install system clean
 
 run: install
 	$(BIN)/robustserve run
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# tests/unit only: no TorchServe, nginx, browser or training run, so no Debian packages (no `system`).
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
 
 install: system $(STAMP)
 

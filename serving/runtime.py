@@ -18,7 +18,7 @@ through the backend (PyTorch eager or ONNX Runtime), then through the mode's pos
 On the ONNX backend (the default) the runtime needs onnxruntime, numpy, Pillow (and FAISS for a kNN mode):
 it imports neither torch nor the training stack (only ``TorchBackend`` does, when it is chosen) and reads
 archives with the torch-free ``training.run_files``, ``training.onnx_io`` and ``training.pairing``.
-``tests/test_runtime_imports.py`` holds it to that.
+``tests/integration/test_runtime_imports.py`` holds it to that.
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
-"""Shared fixtures: small synthetic data and a small model trained on it in a few seconds."""
+"""Fixtures shared by tests/unit, tests/integration and tests/browser: small synthetic data, one intra-op thread, and
+tiny served runs with one real TorchServe over them (the integration and browser tests). Fixtures of the integration
+tests alone are in ``tests/integration/conftest.py``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-
-from helpers import learnable_images, train_tiny, write_fashion_mnist_source
-from training.models import StagedNet, build_model
-
-FAINT = 40  # grey levels: the attack tests want a model that PGD at eps = 0.1 can fool
+from helpers import FAINT, learnable_images, train_tiny, write_fashion_mnist_source
 
 
 @pytest.fixture(scope="module")
@@ -27,34 +24,6 @@ def one_thread():
 def synthetic_batch() -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = learnable_images(128, seed=7, contrast=FAINT)
     return torch.from_numpy(images).float().div(255).unsqueeze(1), torch.from_numpy(labels).long()
-
-
-@pytest.fixture(scope="session")
-def trained_smallcnn() -> StagedNet:
-    """A SmallCNN trained on clean synthetic images: accurate, and not robust."""
-    torch.manual_seed(0)
-    images, labels = learnable_images(1000, seed=3, contrast=FAINT)
-    x = torch.from_numpy(images).float().div(255).unsqueeze(1)
-    y = torch.from_numpy(labels).long()
-    model = build_model("smallcnn", num_classes=10, in_channels=1, mean=(0.5,), std=(0.5,))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(3):
-        for start in range(0, len(x), 100):
-            loss = F.cross_entropy(model(x[start:start + 100]), y[start:start + 100])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
-
-
-@pytest.fixture
-def learnable_fashion_mnist(tmp_path, monkeypatch):
-    """Point the Fashion-MNIST loader at learnable synthetic IDX files and a fresh data root."""
-    source = write_fashion_mnist_source(tmp_path / "fmnist-source")
-    monkeypatch.setenv("ROBUSTSERVE_FASHION_MNIST_SOURCE", str(source))
-    monkeypatch.setenv("ROBUSTSERVE_DATA", str(tmp_path / "data"))
-    return source
 
 
 SERVED_RECIPES = ("pgd_at", "trades", "dhat", "ducat", "that")  # every serving behaviour; trades is dhat's base
@@ -99,6 +68,7 @@ def served(served_store, tmp_path_factory):
     """One real TorchServe on loopback over ``served_store``, shared by the REST, demo and hardening tests
     (starting one costs ~15 s). Dynamic batching with a 20 ms window, so concurrent requests share batches."""
     from helpers import free_server_ports
+
     from serving import server
 
     # A short state_dir: TorchServe's worker sockets live under it, at most 107 bytes of path.
@@ -108,15 +78,10 @@ def served(served_store, tmp_path_factory):
         yield settings
 
 
-@pytest.fixture(scope="session")
-def served_proxy(served):
-    """nginx (``serving.proxy``) in front of ``served``, as ``robustserve serve start --proxy`` runs it: TLS with a
-    self-signed certificate, a 2 s client timeout, 5 requests per second and client in bursts of 10."""
-    from helpers import free_ports
-    from serving import proxy
+@pytest.fixture(scope="module")
+def demo(served, served_runs):
+    """The demo (``demo.app.Demo``) over ``served``, for tests/integration/test_demo_server.py and the browser test."""
+    from demo.app import Demo, state_dir_client
 
-    [port] = free_ports(1)
-    settings = proxy.ProxySettings(state_dir=served.state_dir, upstream=served.inference_address, port=port,
-                                   client_timeout_s=2, rate_per_s=5, burst=10)
-    with proxy.running(settings):
-        yield settings
+    data_root = next(iter(served_runs.values())).parent.parent / "data"  # the fixture's synthetic Fashion-MNIST
+    return Demo(state_dir_client(served.state_dir), served_runs, data_root=data_root)

@@ -35,6 +35,9 @@ def learnable_images(n: int, seed: int, num_classes: int = 10, size: int = 28,
     return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
+FAINT = 40  # grey levels: the attack tests want a model that PGD at eps = 0.1 can fool
+
+
 def write_fashion_mnist_source(folder: Path, n_train: int = 600, n_test: int = 200) -> Path:
     """A Fashion-MNIST source folder (the four IDX .gz files) holding learnable synthetic images."""
     folder.mkdir(parents=True, exist_ok=True)

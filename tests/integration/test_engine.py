@@ -1,0 +1,122 @@
+"""The training engine: exact resume after SIGKILL, DDP under torchrun, checkpoints, CLI errors. Schedules and
+autocast: tests/unit/test_engine_settings.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.checkpoint import CheckpointError, load_tensors
+from training.config import TrainConfig
+from training.engine import Trainer, train
+from training.recipes import get_recipe
+from training.runs import BEST, DEFENSE_JSON, LAST, load_run
+
+ROBUSTSERVE = str(Path(sys.executable).parent / "robustserve")
+# Small and fast, but several batches per epoch so a kill can land mid-epoch.
+TINY = {"epochs": 3, "batch_size": 25, "train_subset": None, "val_size": 100, "attack_steps": 2,
+        "val_attack_steps": 2, "lr": 0.05}
+TINY_FLAGS = ["--epochs", "3", "--batch-size", "25", "--attack-steps", "2", "--lr", "0.05",
+              "--set", "train_subset=null", "--set", "val_size=100", "--set", "val_attack_steps=2", "--no-progress"]
+
+
+def tiny_config(recipe: str = "pgd_at", **overrides) -> TrainConfig:
+    return get_recipe(recipe).config("quick", **{**TINY, **overrides})
+
+
+def weights(run_dir: Path, name: str = LAST) -> dict[str, torch.Tensor]:
+    tensors, _ = load_tensors(run_dir / name)
+    return {k: v for k, v in tensors.items() if k.startswith("model/")}
+
+
+def epochs_done(run_dir: Path) -> int:
+    path = run_dir / DEFENSE_JSON
+    return json.loads(path.read_text())["stages"][0]["epochs_done"] if path.exists() else 0
+
+
+BASELINES = ("natural", "pgd_at", "trades", "mart", "consistency_at")
+
+
+@pytest.mark.parametrize("recipe", BASELINES)
+def test_every_baseline_trains_and_learns(recipe, learnable_fashion_mnist, tmp_path) -> None:
+    run_dir = train(tiny_config(recipe, epochs=2), tmp_path / recipe, progress=False)
+    info = json.loads((run_dir / DEFENSE_JSON).read_text())
+    assert info["defense"] == recipe and info["serving_modes"] == ["default"]
+    assert info["classes"][0] == "T-shirt/top" and info["input_shape"] == [1, 28, 28]
+    history = info["stages"][0]["history"]
+    assert len(history) == 2 and history[-1]["val_clean_acc"] > 0.5, history
+    loaded = load_run(run_dir)
+    assert loaded.model.num_outputs == 10 and not loaded.model.training
+    assert not list(run_dir.glob(".*.tmp")), "no temporary files may be left behind"
+
+
+def test_killed_run_resumes_to_identical_weights(learnable_fashion_mnist, tmp_path) -> None:
+    reference = train(tiny_config(), tmp_path / "reference", progress=False)
+
+    killed = tmp_path / "killed"
+    cmd = [ROBUSTSERVE, "train", "pgd_at", "--out", str(killed), *TINY_FLAGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    deadline = time.monotonic() + 300
+    while epochs_done(killed) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the second epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    assert 1 <= epochs_done(killed) < 3, "the kill must land before training finished"
+
+    train(tiny_config(), killed, resume=True, progress=False)
+    assert epochs_done(killed) == 3
+    expected, got = weights(reference), weights(killed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), f"{key} differs after resume"
+    best_expected, best_got = load_tensors(reference / BEST)[0], load_tensors(killed / BEST)[0]
+    assert all(torch.equal(best_expected[k], best_got[k]) for k in best_expected)
+
+
+def test_ddp_gloo_two_ranks_end_with_identical_weights(learnable_fashion_mnist, tmp_path) -> None:
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           ROBUSTSERVE, "train", "pgd_at", "--out", str(run_dir), *TINY_FLAGS, "--epochs", "1", "--batch-size", "26",
+           "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    digests = {line.split()[1]: line.split()[-1] for line in result.stdout.splitlines()
+               if line.startswith("rank ") and "final weights sha256" in line}
+    assert set(digests) == {"0", "1"}, result.stdout
+    assert digests["0"] == digests["1"]
+    assert epochs_done(run_dir) == 1
+
+
+def test_existing_run_needs_resume_or_force(learnable_fashion_mnist, tmp_path) -> None:
+    run_dir = train(tiny_config(epochs=1), tmp_path / "run", progress=False)
+    with pytest.raises(CheckpointError, match="--resume"):
+        Trainer(tiny_config(epochs=1), run_dir)
+    with pytest.raises(CheckpointError, match="different lr"):
+        Trainer(tiny_config(epochs=2, lr=0.2), run_dir, resume=True)
+
+
+def test_cli_errors_are_one_line(learnable_fashion_mnist, tmp_path) -> None:
+    for args, fragment in [
+        (["train", "nope"], "unknown recipe 'nope'"),
+        (["train", "pgd_at", "--preset", "huge"], "has no preset 'huge'"),
+        (["train", "pgd_at", "--arch", "vgg"], "unknown architecture 'vgg'"),
+        (["train", "pgd_at", "--set", "colour=red"], "unknown training setting(s): colour"),
+        (["eval", str(tmp_path / "missing")], "is not a training run"),
+    ]:
+        result = subprocess.run([ROBUSTSERVE, *args, "--out", str(tmp_path / "x")] if args[0] == "train"
+                                else [ROBUSTSERVE, *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert not (tmp_path / "x" / LAST).exists()

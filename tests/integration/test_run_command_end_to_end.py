@@ -1,0 +1,33 @@
+"""`robustserve run`, the main job behind `make run`, on learnable synthetic Fashion-MNIST: it trains the
+recipes it is given, evaluates every serving mode, writes the results table, and a second run reuses
+everything it finished. (Its recipe list, checked before anything is trained: tests/unit/test_run_command.py;
+packaging and serving: test_rest.py; the demo: test_demo_server.py and tests/browser.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.cli import main
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_run_trains_evaluates_writes_the_table_and_reuses_finished_runs(learnable_fashion_mnist, tmp_path, capsys):
+    results = tmp_path / "RESULTS.md"
+    args = ["run", "--recipes", "natural,pgd_at", "--runs", str(tmp_path / "runs"), "--n", "20",
+            "--autoattack-n", "4", "--results", str(results), "--no-serve"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "== natural: training into" in first and "   default: PGD-20 CW margin: " in first  # each row and its cost
+    table = results.read_text()
+    assert table.startswith("# Results (quick preset)")
+    rows = [line for line in table.splitlines() if line.startswith("| natural ") or line.startswith("| pgd_at ")]
+    assert [row.split("|")[1].strip() for row in rows] == ["natural", "pgd_at"]
+    for recipe in ("natural", "pgd_at"):
+        assert (tmp_path / "runs" / f"{recipe}-quick-fashion_mnist-smallcnn" / "report.json").is_file()
+
+    assert main(args) == 0  # everything finished is reused: no training, no evaluation
+    second = capsys.readouterr().out
+    assert "== natural: reusing" in second and "== pgd_at: reusing" in second
+    assert "training into" not in second and "   default: " not in second  # no row was computed again
+    assert results.read_text() == table

@@ -1,0 +1,65 @@
+"""The model zoo (training/zoo.py, model_store/zoo/): an entry is a finished run without optimiser state
+or rebuilt artifacts, records what made it, and reproduces its recorded clean accuracy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from training.errors import CheckpointError
+from training.run_files import MEMORY_BANK, sha256_file
+from training.runs import LAST, REPORT_JSON
+from training.zoo import ZOO_JSON, ZOO_ROOT, add_run, check_entry, entries
+
+COMMITTED = Path(__file__).resolve().parents[2] / ZOO_ROOT
+
+
+@pytest.fixture
+def served_data(served_runs, monkeypatch):
+    """The synthetic data the served runs were trained on (their fixture's data root)."""
+    root = served_runs["pgd_at"].parent.parent
+    monkeypatch.setenv("ROBUSTSERVE_FASHION_MNIST_SOURCE", str(root / "fmnist-source"))
+    monkeypatch.setenv("ROBUSTSERVE_DATA", str(root / "data"))
+    return root
+
+
+@pytest.mark.usefixtures("served_data")
+def test_an_entry_is_the_run_without_training_state_and_reproduces_its_record(served_runs, tmp_path):
+    zoo = tmp_path / "zoo"
+    that = add_run(served_runs["that"], zoo, command="robustserve run --preset standard")
+    pgd_at = add_run(served_runs["pgd_at"], zoo, command="robustserve run --preset standard")
+    assert entries(zoo) == {"that": that, "pgd_at": pgd_at}
+    names = {p.name for p in that.iterdir()}
+    assert LAST not in names and MEMORY_BANK not in names and REPORT_JSON in names  # no optimiser state, no bank
+    record = json.loads((that / ZOO_JSON).read_text())
+    assert record["command"] == "robustserve run --preset standard" and record["code_version"]
+    assert set(record["clean_accuracy"]) == {"classifier", "knn"}
+    assert all(figures["n"] > 0 and 0 <= figures["k"] <= figures["n"] for figures in record["clean_accuracy"].values())
+
+    pairs = check_entry(that)  # rebuilds the memory bank from the training set, as packaging does
+    assert all(recorded == measured for recorded, measured in pairs.values())
+    assert sha256_file(that / MEMORY_BANK) == sha256_file(served_runs["that"] / MEMORY_BANK)  # deterministic
+
+    (pgd_at / "report.md").write_text("edited\n")
+    with pytest.raises(CheckpointError, match="report.md does not match"):
+        check_entry(pgd_at)
+
+
+def test_only_finished_evaluated_runs_go_into_the_zoo(served_runs, tmp_path):
+    unevaluated = tmp_path / "run"
+    shutil.copytree(served_runs["pgd_at"], unevaluated)
+    (unevaluated / REPORT_JSON).unlink()
+    with pytest.raises(CheckpointError, match="evaluate it first"):
+        add_run(unevaluated, tmp_path / "zoo", command="x")
+    assert not (tmp_path / "zoo" / "run").exists()
+
+
+@pytest.mark.parametrize("entry", sorted(entries(COMMITTED).values()) if COMMITTED.is_dir() else [],
+                         ids=lambda path: path.name)
+def test_each_committed_zoo_model_has_its_recorded_clean_accuracy(entry):
+    """Every mode of every committed model, on the whole Fashion-MNIST test set, against its zoo.json."""
+    for mode, (recorded, measured) in check_entry(entry).items():
+        assert measured == pytest.approx(recorded, abs=3), mode

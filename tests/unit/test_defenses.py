@@ -1,0 +1,49 @@
+"""What every defense shares: a standard preset on the zoo setting, and clean and adversarial logits with and
+without BatchNorm. Each defense trained and evaluated end to end: tests/integration/test_defenses_train.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from training.config import TrainConfig
+from training.recipes import RECIPES, StepContext
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_every_recipe_has_a_standard_preset_on_the_zoo_setting():
+    for recipe in RECIPES.values():
+        config = recipe.config("standard")
+        assert (config.dataset, config.arch, config.eps) == ("fashion_mnist", "smallcnn", 0.1), recipe.id
+        assert config.train_subset is None and config.val_size == 1000, recipe.id
+
+
+def _pair_context(model: nn.Module) -> StepContext:
+    return StepContext(model=model, module=model, config=TrainConfig(recipe="trades"), augment=lambda x: x, epoch=0)
+
+
+def test_clean_and_adversarial_logits_keep_batchnorm_statistics_apart():
+    """TRADES, MART and AFT-DRA pass clean and adversarial images separately through a BatchNorm network
+    (as their reference code does): each half is normalised by its own batch statistics."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3)).train()
+    x, x_adv = torch.randn(8, 4), torch.randn(8, 4) + 3.0
+    clean, adversarial = _pair_context(net).clean_and_adversarial_logits(x, x_adv)
+    reference = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3)).train()
+    reference.load_state_dict(net.state_dict())
+    assert torch.allclose(clean, reference(x)) and torch.allclose(adversarial, reference(x_adv))
+    mixed = reference(torch.cat([x, x_adv]))[:8]
+    assert not torch.allclose(clean, mixed, atol=1e-3)  # one mixed pass would have given these
+
+
+def test_clean_and_adversarial_logits_without_batchnorm_are_one_pass():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).train()
+    calls = []
+    net.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    x, x_adv = torch.randn(8, 4), torch.randn(8, 4)
+    clean, adversarial = _pair_context(net).clean_and_adversarial_logits(x, x_adv)
+    assert calls == [16]
+    assert torch.allclose(clean, net(x)) and torch.allclose(adversarial, net(x_adv))

@@ -1,0 +1,36 @@
+"""The training engine's settings: learning-rate schedules and bf16 autocast only where the CPU has it natively.
+Training runs (resume after SIGKILL, DDP under torchrun, CLI errors): tests/integration/test_engine.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.config import TrainConfig
+from training.engine import learning_rate
+
+
+def test_learning_rate_schedules() -> None:
+    step = TrainConfig(recipe="pgd_at", epochs=200, lr=0.1, schedule="multistep", milestones=[100, 150])
+    assert [learning_rate(step, e) for e in (0, 99.9, 100, 150)] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    cosine = TrainConfig(recipe="pgd_at", epochs=10, lr=0.1, schedule="cosine")
+    assert learning_rate(cosine, 0) == pytest.approx(0.1) and learning_rate(cosine, 10) == pytest.approx(0.0)
+    assert learning_rate(cosine, 5) == pytest.approx(0.05)
+
+
+def test_bf16_autocast_only_where_native(tmp_path):
+    from training.devices import attack_autocast, cpu_has_native_bf16, step_autocast
+
+    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx.write_text("flags\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    plain.write_text("flags\t: fpu sse2 avx2\n")
+    assert cpu_has_native_bf16(amx) and not cpu_has_native_bf16(plain)
+    assert not cpu_has_native_bf16(tmp_path / "missing")
+    cpu = torch.device("cpu")
+    with attack_autocast(cpu, enabled=False):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+    with attack_autocast(cpu):  # crafting attacks: bf16 where the CPU has it natively
+        expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == expected
+    with step_autocast(cpu):  # weight updates: float32 on every CPU
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32

@@ -1,0 +1,34 @@
+"""`robustserve run`, the main job behind `make run`: its default recipes, and its recipe list checked before
+anything is trained. The run end to end: tests/integration/test_run_command_end_to_end.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.cli import main, recipe_list
+from training.errors import ConfigError
+from training.recipes import RECIPES
+
+
+def test_the_default_recipes_are_the_five_defenses_and_the_bases_they_need():
+    from serving.cli import build_parser
+
+    default = recipe_list(build_parser().parse_args(["run"]).recipes)
+    assert {"dhat", "that", "aft_dra", "ducat", "act"} <= set(default)
+    assert {"natural", "pgd_at", "trades"} <= set(default)  # AFT-DRA's, DUCAT's and DH-AT's starting runs
+    for defense in ("aft_dra", "ducat", "dhat"):  # each starts from a run that the default also trains
+        assert RECIPES[defense].config("quick").base in default, defense
+    assert recipe_list("all") == list(RECIPES) and {"mart", "consistency_at"} <= set(recipe_list("all"))
+    assert recipe_list(" natural , pgd_at,") == ["natural", "pgd_at"]
+
+
+@pytest.mark.parametrize("recipes, message", [("natural,pgd_a", "unknown recipe 'pgd_a'"),
+                                               (" , ", "--recipes names no recipe")])
+def test_a_bad_recipe_list_is_one_line_before_anything_is_trained(recipes, message, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=message):
+        recipe_list(recipes)
+    assert main(["run", "--recipes", recipes, "--runs", str(tmp_path / "runs"), "--no-serve",
+                 "--results", str(tmp_path / "RESULTS.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustserve: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "RESULTS.md").exists()
