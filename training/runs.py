@@ -145,6 +145,20 @@ def defense_info(recipe: Recipe, config: TrainConfig, spec: DatasetSpec, state: 
     }
 
 
+FLAT_WITHIN = 0.01  # the standard presets' convergence rule: less than 1 point of rise over the last third
+
+
+def validation_rise(info: dict[str, Any]) -> dict[str, Any]:
+    """How much the last stage's validation clean and robust accuracy rose over its last third of epochs (last
+    epoch minus the epoch before that third), and whether both stayed under ``FLAT_WITHIN``: the rule by which
+    a ``standard`` run counts as converged."""
+    history = info["stages"][-1]["history"]
+    start = history[max(len(history) - len(history) // 3 - 1, 0)]
+    rise = {key: history[-1][key] - start[key] for key in ("val_clean_acc", "val_robust_acc")}
+    return {"from_epoch": start["epoch"], "to_epoch": history[-1]["epoch"], **rise,
+            "flat": all(value < FLAT_WITHIN for value in rise.values())}
+
+
 def spec_from_info(info: dict[str, Any]) -> DatasetSpec:
     """The dataset facts a model needs, read back from ``defense.json`` (no data is loaded)."""
     return DatasetSpec(name=info["dataset"], class_names=tuple(info["classes"]),

@@ -8,9 +8,10 @@ left out and rebuilt from the training set when the entry is first used (``runs.
 Entries keep their run folder names, so the zoo is a runs root like ``runs/``: base runs resolve as
 siblings, and ``serving.package`` packages an entry like any run.
 
-Each entry's ``zoo.json`` records the command and code version that made it, the SHA-256 of its
-files, and each serving mode's clean accuracy on the whole test set, measured when it was added;
-``check_entry`` measures it again (the zoo test does, for every entry).
+Each entry's ``zoo.json`` records the command and code version that made it, whether its validation
+curve was flat (``runs.validation_rise``), the SHA-256 of its files, and each serving mode's clean
+accuracy on the whole test set, measured when it was added; ``check_entry`` measures it again (the zoo
+test does, for every entry).
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ from .attacks.attacks import correct_flags
 from .checkpoint import write_json
 from .errors import CheckpointError
 from .run_files import sha256_file
-from .runs import LAST, REPORT_JSON, load_run, load_test_subset, read_defense_json, restore_artifacts, run_finished
+from .runs import (
+    LAST,
+    REPORT_JSON,
+    load_run,
+    load_test_subset,
+    read_defense_json,
+    restore_artifacts,
+    run_finished,
+    validation_rise,
+)
 from .stats import proportion
 
 ZOO_ROOT = Path("model_store/zoo")
@@ -77,6 +87,7 @@ def add_run(run_dir: Path, zoo_root: Path = ZOO_ROOT, *, command: str, data_root
         info = read_defense_json(staging)
         record = {"command": command, "code_version": info["code_version"],
                   "added": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+                  "validation_rise": validation_rise(info),  # converged: flat over the last third of the epochs
                   "sha256": {p.name: sha256_file(p) for p in zoo_files(staging)},
                   "clean_accuracy": clean_accuracy(staging, data_root)}
         for name in REBUILT:  # rebuilt by clean_accuracy; never part of the entry

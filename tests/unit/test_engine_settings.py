@@ -34,3 +34,16 @@ def test_bf16_autocast_only_where_native(tmp_path):
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == expected
     with step_autocast(cpu):  # weight updates: float32 on every CPU
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_a_run_is_converged_when_its_last_third_rose_less_than_a_point():
+    from training.runs import validation_rise
+
+    def info(clean, robust):
+        return {"stages": [{"history": [{"epoch": i + 1, "val_clean_acc": c, "val_robust_acc": r}
+                                        for i, (c, r) in enumerate(zip(clean, robust, strict=True))]}]}
+
+    flat = validation_rise(info([0.5, 0.7, 0.80, 0.805, 0.80, 0.809], [0.3, 0.4, 0.45, 0.45, 0.451, 0.452]))
+    assert flat["from_epoch"] == 4 and flat["to_epoch"] == 6 and flat["flat"]  # the last third: epochs 5 and 6
+    rising = validation_rise(info([0.5, 0.7, 0.80, 0.80, 0.81, 0.83], [0.3, 0.4, 0.45, 0.45, 0.45, 0.45]))
+    assert rising["val_clean_acc"] == pytest.approx(0.03) and not rising["flat"]
