@@ -75,6 +75,21 @@ def train_tiny(recipe_id: str, runs_root: Path) -> Path:
     return train(tiny_config(recipe_id, **overrides), runs_root / recipe_id, progress=False)
 
 
+def tiny_bn_net(num_classes: int = 4):
+    """A StagedNet with BatchNorm in the trunk and in both heads, small enough for many SGD steps (DH-AT's tests)."""
+    from torch import nn
+
+    from training.models import Normalize, StagedNet
+
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+    return StagedNet(normalize=Normalize((0.5,), (0.5,)), stem=block(1, 4),
+                     stages=[block(4, 4), block(4, 8), block(8, 8)],
+                     pool=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), classifier=nn.Linear(8, num_classes),
+                     attach_point=1)
+
+
 def constant_logits_model():
     """Always class 0, with a gradient of exactly zero: the gradient masking pyautoattack checks for."""
     import torch

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from helpers import tiny_bn_net
 
 from training.data import DatasetSpec
 from training.errors import ConfigError
-from training.models import Normalize, StagedNet
+from training.models import StagedNet
 from training.models.dual_head import DualHeadNet
 from training.recipes import get_recipe
 from training.runs import LoadedRun
@@ -19,18 +19,6 @@ from training.runs import LoadedRun
 RECIPE = get_recipe("dhat")
 FMNIST_SPEC = DatasetSpec(name="fashion_mnist", class_names=tuple(f"c{k}" for k in range(10)),
                           input_shape=(1, 28, 28), mean=(0.5,), std=(0.5,), default_architecture="smallcnn")
-
-
-def tiny_bn_net(num_classes: int = 4) -> StagedNet:
-    """A StagedNet with BatchNorm in the trunk and in both heads, small enough for many SGD steps."""
-
-    def block(cin: int, cout: int) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
-
-    return StagedNet(normalize=Normalize((0.5,), (0.5,)), stem=block(1, 4),
-                     stages=[block(4, 4), block(4, 8), block(8, 8)],
-                     pool=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), classifier=nn.Linear(8, num_classes),
-                     attach_point=1)
 
 
 @torch.no_grad()

@@ -9,12 +9,12 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import tiny_bn_net
 from torch import nn
 
 from training.config import TrainConfig
 from training.data import DatasetSpec
 from training.errors import ConfigError
-from training.models import Normalize, StagedNet
 from training.models.dual_head import Aggregator, DualHeadNet
 from training.recipes import Stage, StepContext, get_recipe
 
@@ -23,18 +23,6 @@ FMNIST_SPEC = DatasetSpec(name="fashion_mnist", class_names=tuple(f"c{k}" for k 
                           input_shape=(1, 28, 28), mean=(0.5,), std=(0.5,), default_architecture="smallcnn")
 CIFAR_SPEC = DatasetSpec(name="cifar10", class_names=tuple(f"c{k}" for k in range(10)), input_shape=(3, 32, 32),
                          mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), default_architecture="resnet18")
-
-
-def tiny_bn_net(num_classes: int = 4) -> StagedNet:
-    """A StagedNet with BatchNorm in the trunk and in both heads, small enough for many SGD steps."""
-
-    def block(cin: int, cout: int) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
-
-    return StagedNet(normalize=Normalize((0.5,), (0.5,)), stem=block(1, 4),
-                     stages=[block(4, 4), block(4, 8), block(8, 8)],
-                     pool=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), classifier=nn.Linear(8, num_classes),
-                     attach_point=1)
 
 
 def tiny_batch(n: int = 8, num_classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
