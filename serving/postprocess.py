@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,7 @@ class ModelContext:
 Reply = dict[str, Any]
 
 
-class PostProcessor:
+class PostProcessor(ABC):
     """One kind of post-processing (``ServingMode.postprocess`` names it): what a served model of that kind
     needs beyond its graph, declared in one place.
 
@@ -84,8 +85,9 @@ class PostProcessor:
     parameters: tuple[str, ...] = ()
     artifacts: tuple[str, ...] = ()
 
+    @abstractmethod
     def reply(self, outputs: np.ndarray, options: Sequence[RequestOptions], ctx: ModelContext) -> list[Reply]:
-        raise NotImplementedError
+        """One reply body per request of the batch."""
 
     def options(self, given: Mapping[str, Any], ctx: ModelContext) -> dict[str, Any]:
         """This kind's parameters of one request, checked (``RequestOptions.values``)."""
@@ -99,8 +101,8 @@ class PostProcessor:
                 shutil.copy2(run_dir / name, staging / name)
         return {}
 
-    def load(self, folder: Path, settings: Mapping[str, Any], ctx: ModelContext) -> None:
-        """Read the artifacts of an extracted archive into ``ctx``."""
+    def load(self, folder: Path, settings: Mapping[str, Any], ctx: ModelContext) -> None:  # noqa: B027 (optional hook)
+        """Read the artifacts of an extracted archive into ``ctx``. Default: it has none."""
 
 
 POSTPROCESSORS: dict[str, PostProcessor] = {}

@@ -29,7 +29,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, code_version, load_tensors, model_tensors, weights_digest
 from .config import TrainConfig
-from .data import DatasetSpec, load_dataset, plain_train_set
+from .data import DATASETS, DatasetSpec, load_dataset, plain_train_set
 from .errors import ConfigError
 from .recipes import ServingMode, get_recipe
 from .run_files import DEFENSE_JSON, read_defense_json
@@ -52,18 +52,13 @@ TEST_SUBSET_SEED = 0  # the fixed permutation of the test split every evaluation
 def run_dir_for(config: TrainConfig, root: Path = RUNS_ROOT) -> Path:
     """The default folder of ``config``'s run: ``<root>/<recipe>-<preset>-<dataset>-<arch>``, the
     architecture being the dataset's default when the config names none."""
-    arch = config.arch or _default_architecture(config.dataset)
+    arch = config.arch or DATASETS[config.dataset].default_architecture
     return Path(root) / f"{config.recipe}-{config.preset}-{config.dataset}-{arch}"
 
 
 def preset_run_dir(recipe: str, preset: str, root: Path = RUNS_ROOT, **settings: Any) -> Path:
     """The default folder of ``recipe``'s run at ``preset`` (with ``settings`` overriding the preset)."""
     return run_dir_for(get_recipe(recipe).config(preset, **settings), root)
-
-
-def _default_architecture(dataset: str) -> str:
-    from .data import DATASETS
-    return DATASETS[dataset].default_architecture
 
 
 def stage_best_file(stages: list[Stage], index: int) -> str:
@@ -205,17 +200,17 @@ def load_run(run_dir: str | Path, *, which: str = "best", device: str | torch.de
     return LoadedRun(run_dir, info, model.to(device).eval())
 
 
-def restore_artifacts(run_dir: Path, data_root: str | None = None) -> None:
+def restore_artifacts(run_dir: Path, data_root: str | None = None) -> LoadedRun:
     """Rebuild the artifacts a run folder was copied without (the model zoo leaves out THAT's memory bank)
     when a serving mode lacks them: the recipe's own ``finish`` from the best weights and the training set,
-    as at the end of training."""
+    as at the end of training. Returns the loaded run (its modes read the restored artifacts)."""
     run = load_run(run_dir)
     recipe = get_recipe(run.info["defense"])
-    if set(run.modes()) == set(recipe.serving_modes):
-        return
-    train_set, spec = plain_train_set(run.info["dataset"], data_root)
-    with torch.no_grad():
-        recipe.finish(run.model, Path(run_dir), train_set, spec, TrainConfig(**run.info["config"]))
+    if set(run.modes()) != set(recipe.serving_modes):
+        train_set, spec = plain_train_set(run.info["dataset"], data_root)
+        with torch.no_grad():
+            recipe.finish(run.model, Path(run_dir), train_set, spec, TrainConfig(**run.info["config"]))
+    return run
 
 
 def load_test_subset(info: dict[str, Any], n: int | None, data_root: str | None) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -30,7 +30,6 @@ from .run_files import sha256_file
 from .runs import (
     LAST,
     REPORT_JSON,
-    load_run,
     load_test_subset,
     read_defense_json,
     restore_artifacts,
@@ -63,8 +62,7 @@ def entries(zoo_root: Path = ZOO_ROOT) -> dict[str, Path]:
 
 def clean_accuracy(run_dir: Path, data_root: str | None = None) -> dict[str, dict[str, Any]]:
     """Each serving mode's accuracy on the whole test set (artifacts restored first)."""
-    restore_artifacts(run_dir, data_root)
-    run = load_run(run_dir)
+    run = restore_artifacts(run_dir, data_root)
     x, y, _ = load_test_subset(run.info, None, data_root)
     return {name: proportion(correct_flags(mode.module, x, y)).to_json() for name, mode in run.modes().items()}
 
