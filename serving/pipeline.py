@@ -39,9 +39,12 @@ def train_and_evaluate(recipe_ids: Sequence[str], preset: str, runs_root: Path,
     return run_dirs, reports
 
 
-def write_results(reports: Sequence[dict[str, Any]], preset: str, path: Path) -> str:
-    """RESULTS.md from the reports: the machine, the suite and the table, and beyond the quick pipeline check
-    the reproduction table of each paper's claims. Returns the text after the header."""
+def write_results(reports: Sequence[dict[str, Any]], preset: str, path: Path, suite: str,
+                  suite_note: str | None = None) -> str:
+    """RESULTS.md from the reports: the command, the machine, the attack suite (``suite_note``: what sets a
+    reduced one apart)
+    and the table, and beyond the quick pipeline check the reproduction table of each paper's claims. Returns
+    the text after the header."""
     from training.checkpoint import write_text
     from training.environment import describe_environment
     from training.evaluate import format_results_table, results_header
@@ -52,9 +55,10 @@ def write_results(reports: Sequence[dict[str, Any]], preset: str, path: Path) ->
     if preset != "quick":
         table += f"\n## Reproduction of each paper's claims\n\n{REPRODUCTION_NOTE}\n\n{format_reproduction_table(reports)}"
     env = describe_environment()
-    header = (f"# Results ({preset} preset)\n\nMade by `robustserve run --preset {preset}` on "
+    header = (f"# Results ({preset} preset)\n\nMade by `robustserve run --preset {preset} --suite {suite}` on "
               f"{env['device_name']}, {env['torch_threads']} torch threads, torch {env['torch']}, "
-              f"{datetime.now(timezone.utc):%Y-%m-%d}. " + results_header(reports) + "\n\n")
+              f"{datetime.now(timezone.utc):%Y-%m-%d}. " + results_header(reports) + "\n\n" +
+              (f"{suite_note}\n\n" if suite_note else ""))
     write_text(path, header + table + "\n")
     return table
 

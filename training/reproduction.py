@@ -82,6 +82,13 @@ def measure_claims(reports: Sequence[dict[str, Any]]) -> list[Measured]:
             for claim in recipe.claims]
 
 
+def compared_recipes(recipe_ids: Sequence[str]) -> list[str]:
+    """The recipes that the claims of ``recipe_ids`` compare with and that are not among them (DUCAT's
+    matched-budget control ``pgd_at_ft``): the runs a reproduction table needs besides the ones asked for."""
+    needed = [claim.against.partition(":")[0] for recipe_id in recipe_ids for claim in RECIPES[recipe_id].claims]
+    return list(dict.fromkeys(r for r in needed if r and r not in recipe_ids))
+
+
 def _cell(figure: dict[str, Any] | None) -> str:
     return "-" if figure is None else format_proportion(figure["accuracy"], *figure["ci95"], figure["n"])
 

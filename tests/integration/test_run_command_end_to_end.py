@@ -21,6 +21,7 @@ def test_run_trains_evaluates_writes_the_table_and_reuses_finished_runs(learnabl
     assert "== natural: training into" in first and "   default: PGD-20 CW margin: " in first  # each row and its cost
     table = results.read_text()
     assert table.startswith("# Results (quick preset)")
+    assert "Made by `robustserve run --preset quick --suite pipeline-check`" in table  # quick's default suite, named
     rows = [line for line in table.splitlines() if line.startswith("| natural ") or line.startswith("| pgd_at ")]
     assert [row.split("|")[1].strip() for row in rows] == ["natural", "pgd_at"]
     for recipe in ("natural", "pgd_at"):

@@ -298,6 +298,14 @@ def test_quick_preset_fine_tunes_the_quick_pgd_at_run() -> None:
     assert DUCAT.config("quick", base="mart").params["method"] == "mart", "the method follows the base run"
 
 
+@pytest.mark.parametrize("preset", ["quick", "standard"])
+def test_the_matched_budget_control_trains_pgd_at_on_for_ducats_epochs_and_lr(preset) -> None:
+    ducat, control = DUCAT.config(preset), get_recipe("pgd_at_ft").config(preset)
+    budget = ("base", "epochs", "lr", "schedule", "train_subset", "batch_size", "eps", "attack_steps", "step_size")
+    assert [getattr(control, f) for f in budget] == [getattr(ducat, f) for f in budget]
+    assert control.base == "pgd_at" and "pgd_at_ft" in {claim.against for claim in DUCAT.claims}
+
+
 @pytest.mark.parametrize("params", [{"method": "natural"}, {"beta1": 1.5}, {"alpha": "half"}, {"start_epoch": 1},
                                     {"start_epoch": -1}, {"secret_pairing": "yes"}])
 def test_bad_settings_are_config_errors(params) -> None:

@@ -49,3 +49,12 @@ def test_a_claim_whose_run_is_missing_is_not_measured_and_the_table_says_so():
     assert measure_claim(claim, "d", {"d": _report("d", "both", SAME, SAME)}).verdict == MISSING
     table = format_reproduction_table([_report("dhat", "both", SAME, SAME)])  # DH-AT's claims compare its own modes
     assert "| dhat both |" in table and f"**{MISSING}**" in table  # its report here has no `main` mode
+
+
+def test_the_runs_claims_compare_with_are_named_for_the_pipeline():
+    from training.reproduction import compared_recipes
+
+    assert compared_recipes(["pgd_at", "ducat"]) == ["pgd_at_ft"]  # DUCAT's matched-budget control; pgd_at is asked for
+    assert compared_recipes(["ducat"]) == ["pgd_at", "pgd_at_ft"]
+    assert compared_recipes(["dhat"]) == []  # DH-AT's claims compare its own modes
+    assert compared_recipes(["natural"]) == []

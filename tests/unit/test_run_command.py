@@ -32,3 +32,16 @@ def test_a_bad_recipe_list_is_one_line_before_anything_is_trained(recipes, messa
     err = capsys.readouterr().err
     assert err.startswith("robustserve: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists() and not (tmp_path / "RESULTS.md").exists()
+
+
+def test_a_named_attack_suite_with_the_options_given_on_top():
+    from serving.cli import SUITE_NOTES, SUITES, build_parser, default_suite, suite_settings
+
+    args = build_parser().parse_args(["eval", "runs/x", "--suite", "cpu", "--n", "50"])
+    assert suite_settings(args, args.suite) == {**SUITES["cpu"], "n": 50}
+    assert suite_settings(build_parser().parse_args(["eval", "runs/x"]), "full") == {}  # evaluate_run's own defaults
+    assert build_parser().parse_args(["run"]).suite is None
+    assert (default_suite("quick"), default_suite("standard"), default_suite("paper")) == ("pipeline-check", "full", "full")
+    assert "upper bounds" in SUITE_NOTES["cpu"] and "full" not in SUITE_NOTES  # a reduced suite says what it is
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--suite", "fast"])

@@ -38,6 +38,11 @@ STANDARD: dict[str, Any] = {
     "train_subset": None, "val_size": 1000, "val_attack_steps": 10,
 }
 
+# The tail of a finished adversarial run at a reduced constant lr, as DUCAT fine-tunes (and pgd_at_ft, its
+# matched-budget control, continues PGD-AT): one place, so that the two train the same epochs at the same lr.
+QUICK_TAIL: dict[str, Any] = {**QUICK, "epochs": 1, "train_subset": 6000, "lr": 0.01, "schedule": "constant"}
+STANDARD_TAIL: dict[str, Any] = {**STANDARD, "epochs": 3, "lr": 0.005, "schedule": "constant"}
+
 
 @register_recipe
 class Natural(SingleStageRecipe):
@@ -75,6 +80,19 @@ class PGDAT(SingleStageRecipe):
         x_adv = ctx.attack(ctx.augment(x), y)
         logits = ctx.model(x_adv)
         return F.cross_entropy(logits, y), logits
+
+
+@register_recipe
+class PGDATFineTune(PGDAT):
+    """A finished PGD-AT run trained on with PGD-AT for DUCAT's fine-tune (same epochs, same lr): DUCAT's
+    matched-budget control, so that a gain of DUCAT over its base is not just the extra epochs."""
+
+    id = "pgd_at_ft"
+    compared_with = None
+    description = "PGD-AT continued from a finished pgd_at run for DUCAT's fine-tune budget (its matched control)"
+    reference = ""
+    bases = ("pgd_at",)
+    presets = {"quick": {**QUICK_TAIL, "base": "pgd_at"}, "standard": {**STANDARD_TAIL, "base": "pgd_at"}}
 
 
 @register_recipe
