@@ -12,8 +12,9 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: run test test-unit install system clean
 
+# The main job: serve the committed model zoo (no training; `robustserve run --preset quick|standard` trains).
 run: install
-	$(BIN)/robustserve run
+	$(BIN)/robustserve run --zoo
 
 test: install
 	$(BIN)/ruff check .
@@ -61,4 +62,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) runs RESULTS.md model_store/*.mar
+	rm -rf $(VENV) runs model_store/*.mar
