@@ -143,17 +143,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # Named attack suites (`--suite`); options given on the command line go on top of the chosen one.
+# The two reduced suites share PGD-20 and APGD-CE + APGD-T on 100 images, with no sweep.
+_REDUCED = {"pgd_steps": 20, "autoattack_n": 100, "autoattack_version": "fast", "sweep": []}
 SUITES: dict[str, dict] = {
     # evaluate_run's defaults: the whole test set, PGD-50 x 3 restarts under three losses, standard AutoAttack on 1,000.
     "full": {},
     # The standard zoo's evaluation on two CPU cores (the full suite is ~40 min per serving mode there): weaker
     # attacks on fewer images, so its robust figures are upper bounds of the full suite's; RESULTS.md says so.
-    "cpu": {"n": 1000, "pgd_steps": 20, "pgd_restarts": 1, "autoattack_n": 100, "autoattack_version": "fast",
-            "sweep": []},
+    "cpu": {**_REDUCED, "n": 1000, "pgd_restarts": 1},
     # The quick preset's pipeline check, sized for two CPU cores and twelve serving modes: its wide intervals are
     # shown, and it is labelled as what it is.
-    "pipeline-check": {"n": 300, "pgd_steps": 20, "pgd_restarts": 2, "autoattack_n": 100, "autoattack_version": "fast",
-                       "sweep": []},
+    "pipeline-check": {**_REDUCED, "n": 300, "pgd_restarts": 2},
 }
 SUITE_NOTES = {
     "cpu": ("**A reduced attack suite** (`--suite cpu`, for two CPU cores): PGD-20 with one random start and "

@@ -42,9 +42,8 @@ def train_and_evaluate(recipe_ids: Sequence[str], preset: str, runs_root: Path,
 def write_results(reports: Sequence[dict[str, Any]], preset: str, path: Path, suite: str,
                   suite_note: str | None = None) -> str:
     """RESULTS.md from the reports: the command, the machine, the attack suite (``suite_note``: what sets a
-    reduced one apart)
-    and the table, and beyond the quick pipeline check the reproduction table of each paper's claims. Returns
-    the text after the header."""
+    reduced one apart) and the table, and beyond the quick pipeline check the reproduction table of each
+    paper's claims. Returns the text after the header."""
     from training.checkpoint import write_text
     from training.environment import describe_environment
     from training.evaluate import format_results_table, results_header
