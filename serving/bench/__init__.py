@@ -8,7 +8,8 @@ Modules, each importing only those above it (``__init__`` imports them all; none
 
 * ``common``: the error, the timing helpers, ``format_table``, and what the serving benchmarks share
   (their runs, archives, server settings, endpoints and requests);
-* ``compute``: ``attacks``, ``at-step`` and ``all`` (PGD throughput, the adversarial-training step, FLOPs);
+* ``compute``: ``attacks``, ``at-step``, ``train-step`` and ``all`` (PGD throughput, the adversarial-training step,
+  FLOPs, the training step's speed-ups);
 * ``serve``: ``serve`` (REST latency and overhead, ONNX vs eager, kNN indexes, the proxy's cost);
 * ``load``: ``load`` (a bounded load on a real TorchServe, a worker killed under it);
 * ``worker``: ``worker`` (a serving worker's start-up time and peak memory, per model and backend).
@@ -39,6 +40,9 @@ BENCHMARKS: dict[str, Benchmark] = {benchmark.name: benchmark for benchmark in (
               compute.add_attacks_options, compute.run_attacks),
     Benchmark("at-step", "one PGD-10 adversarial-training step (bf16 on GPU) in img/s and model TFLOP/s",
               compute.add_at_step_options, compute.run_at_step),
+    Benchmark("train-step", "the training's PGD-AT step in float32, with a bf16 attack and under torch.compile, "
+                            "interleaved, and its split into attack and update", compute.add_train_step_options,
+              compute.run_train_step),
     Benchmark("all", "attacks and at-step (at-step on GPU only)", compute.add_all_options, compute.run_all),
     Benchmark("serve", "the served defenses over REST against their bare forwards, ONNX vs eager, kNN indexes",
               serve.add_options, serve.run),

@@ -5,7 +5,10 @@ JSON-serialisable dict.
   ``PGD`` on the same model and the same batch, timed interleaved so that machine noise hits both.
 * ``bench_at_step``: one PGD-k adversarial-training step (attack, forward/backward, SGD step) with
   bf16 autocast (CUDA only; a no-op on CPU) and channels_last, in img/s and achieved TFLOP/s.
-* ``run_benchmarks``: both of the above (the AT step only on CUDA) plus the environment.
+* ``bench_train_step``: the training's own PGD-AT step (``training.devices``' autocast policy) in the
+  variants the speed-up trial compares: float32, bf16 attack where bf16 is native, and each under
+  ``torch.compile``; interleaved, as ratios to float32, with the default step split into attack and update.
+* ``run_benchmarks``: the attacks and the AT step (the AT step only on CUDA) plus the environment.
 * ``forward_flops_per_image``: a model's forward FLOPs (also bench serve's DH-AT head comparison).
 
 torchattacks is a peer to compare against, not a dependency of the project; install it with
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,12 +31,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from training.attacks.attacks import PGD
-from training.devices import default_device
+from training.attacks.core import pgd
+from training.devices import attack_autocast, cpu_has_native_bf16, default_device, step_autocast
 from training.environment import describe_environment
 from training.errors import ConfigError
 from training.models import ARCHITECTURES, build_model
 
-from .common import BenchmarkError, given, timed_calls
+from .common import BenchmarkError, given, timed, timed_calls
 
 H100_BF16_DENSE_TFLOPS = 989.0
 NUM_CLASSES = 10
@@ -288,6 +293,85 @@ def bench_at_step(
     }
 
 
+# ----------------------------------------------------------------------------------------------
+# The training step's speed-ups, tried side by side
+
+
+def bench_train_step(
+    *,
+    arch: str = "smallcnn",
+    batch_size: int = 128,
+    steps: int = 5,
+    repeats: int = 5,
+    device: str | None = None,
+    compile_model: bool = True,
+) -> dict[str, Any]:
+    """The training's PGD-AT step (``steps``-step Linf PGD at step eps/2, as the standard preset's training
+    adversary, then cross-entropy, backward and an SGD step) in each variant of ``step_variants``, interleaved.
+
+    ``variants``: img/s and ``ratio`` to float32 of each; ``compile_s``: the first call of a compiled variant
+    (compilation included). ``profile``: the training default (``training.devices``' policy, eager) split into
+    its attack and its update, timed separately, and the attack's ``attack_share`` of the two.
+    """
+    if repeats < 1 or batch_size < 1 or steps < 1:
+        raise ConfigError(f"need repeats, batch_size, steps >= 1 (got {repeats}, {batch_size}, {steps})")
+    dev = default_device(device)
+    model, x, y = _model_and_batch(arch, batch_size, dev)
+    eps = default_eps(arch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    compiled = torch.compile(model) if compile_model else None
+
+    def attack(net: nn.Module, bf16: bool) -> torch.Tensor:
+        with attack_autocast(dev, bf16):
+            return pgd(net, x, y, eps=eps, step_size=eps / 2, steps=steps)
+
+    def update(net: nn.Module, x_adv: torch.Tensor, bf16: bool) -> None:
+        net.train()
+        with step_autocast(dev, bf16):
+            loss = F.cross_entropy(net(x_adv).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    calls: dict[str, Callable[[], None]] = {}
+    for name, (bf16, use_compiled) in step_variants(dev, compile_model).items():
+        net = compiled if use_compiled else model
+        calls[name] = functools.partial(lambda n, b: update(n, attack(n, b), b), net, bf16)
+    compile_s = {name: timed(call, _sync(dev))[0] for name, call in calls.items() if name.startswith("compiled")}
+    times = timed_calls(calls, repeats, warmup=1, sync=_sync(dev))
+    img_s = {name: batch_size / statistics.median(t) for name, t in times.items()}
+
+    default_bf16 = dev.type == "cuda" or cpu_has_native_bf16()
+    x_adv = attack(model, default_bf16)
+    phases = timed_calls({"attack": lambda: attack(model, default_bf16),
+                          "update": lambda: update(model, x_adv, default_bf16)}, repeats, warmup=1, sync=_sync(dev))
+    attack_s, update_s = (statistics.median(phases[p]) for p in ("attack", "update"))
+    return {
+        **_setup("train_step", arch, x, batch_size, steps, repeats, eps),
+        "native_bf16": default_bf16,
+        "variants": {name: {"img_s": ips, "ratio": ips / img_s["float32"], "times_s": times[name]}
+                     for name, ips in img_s.items()},
+        "compile_s": compile_s,
+        "profile": {"variant": "bf16_attack" if default_bf16 else "float32", "attack_s": attack_s,
+                    "update_s": update_s, "attack_share": attack_s / (attack_s + update_s)},
+        "environment": describe_environment(dev),
+    }
+
+
+def step_variants(device: torch.device, compile_model: bool) -> dict[str, tuple[bool, bool]]:
+    """What ``bench_train_step`` tries: name -> (bf16 autocast as training would use it, ``torch.compile``d model).
+    The bf16 variants only where bf16 is native (elsewhere ``attack_autocast`` leaves them float32)."""
+    precisions = {"float32": False}
+    if device.type == "cuda" or cpu_has_native_bf16():
+        precisions["bf16_attack" if device.type == "cpu" else "bf16"] = True
+    variants: dict[str, tuple[bool, bool]] = {}
+    for name, bf16 in precisions.items():
+        variants[name] = (bf16, False)
+        if compile_model:
+            variants[f"compiled_{name}"] = (bf16, True)
+    return variants
+
+
 def run_benchmarks(
     *,
     arch: str = "smallcnn",
@@ -317,10 +401,10 @@ def run_benchmarks(
 SETTINGS = ("arch", "batch_size", "steps", "repeats", "device")
 
 
-def _add_options(p: argparse.ArgumentParser, arch: str, batch_size: int, peak: bool, of: str = "") -> None:
+def _add_options(p: argparse.ArgumentParser, arch: str, batch_size: int, peak: bool, of: str = "", steps: int = 10) -> None:
     p.add_argument("--arch", help=f"architecture{of} (default {arch})")
     p.add_argument("--batch-size", type=int, help=f"images per batch{of} (default {batch_size})")
-    p.add_argument("--steps", type=int, help="PGD steps (default 10)")
+    p.add_argument("--steps", type=int, help=f"PGD steps (default {steps})")
     p.add_argument("--repeats", type=int, help="timed rounds (default 5)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     if peak:
@@ -351,3 +435,13 @@ def add_all_options(p: argparse.ArgumentParser) -> None:
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     return run_benchmarks(**given(args, *SETTINGS, "peak_tflops"))
+
+
+def add_train_step_options(p: argparse.ArgumentParser) -> None:
+    _add_options(p, "smallcnn", 128, peak=False, steps=5)
+    p.add_argument("--no-compile", dest="compile_model", action="store_false", default=None,
+                   help="leave out the torch.compile variants (their compilation takes a minute or more on a CPU)")
+
+
+def run_train_step(args: argparse.Namespace) -> dict[str, Any]:
+    return bench_train_step(**given(args, *SETTINGS, "compile_model"))

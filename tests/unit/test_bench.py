@@ -8,7 +8,7 @@ import json
 import pytest
 
 from serving.bench.common import BenchmarkError, format_table
-from serving.bench.compute import bench_at_step, bench_attacks
+from serving.bench.compute import bench_at_step, bench_attacks, bench_train_step
 
 HAS_TORCHATTACKS = importlib.util.find_spec("torchattacks") is not None
 
@@ -63,3 +63,31 @@ def test_format_table_nests_sections_and_shows_an_empty_one_as_a_row() -> None:
                          title="bench load")
     assert table.splitlines() == ["== bench load ==", "requests          3", "failed_by_status  none", "",
                                   "== latency_ms ==", "p50  1.25", "p99  2.5"]
+
+
+def test_bench_train_step_times_each_variant_against_float32_and_splits_the_step() -> None:
+    from training import devices
+
+    result = bench_train_step(arch="smallcnn", batch_size=8, steps=2, repeats=1, device="cpu", compile_model=False)
+    expected = ["float32", "bf16_attack"] if devices.cpu_has_native_bf16() else ["float32"]
+    assert list(result["variants"]) == expected and result["native_bf16"] == devices.cpu_has_native_bf16()
+    assert result["variants"]["float32"]["ratio"] == 1.0
+    for figures in result["variants"].values():
+        assert figures["img_s"] > 0 and len(figures["times_s"]) == 1
+    profile = result["profile"]
+    assert profile["attack_share"] == pytest.approx(profile["attack_s"] / (profile["attack_s"] + profile["update_s"]))
+    assert result["compile_s"] == {}
+    json.dumps(result)
+
+
+def test_train_step_variants_follow_the_training_autocast_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from serving.bench import compute
+
+    monkeypatch.setattr(compute, "cpu_has_native_bf16", lambda: False)
+    assert compute.step_variants(torch.device("cpu"), True) == {"float32": (False, False),
+                                                                "compiled_float32": (False, True)}
+    monkeypatch.setattr(compute, "cpu_has_native_bf16", lambda: True)
+    assert list(compute.step_variants(torch.device("cpu"), False)) == ["float32", "bf16_attack"]
+    assert compute.step_variants(torch.device("cuda"), False)["bf16"] == (True, False)

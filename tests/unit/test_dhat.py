@@ -304,3 +304,15 @@ def test_quick_preset_and_bad_bases() -> None:
         RECIPE.config("quick", base="natural")
     with pytest.raises(ConfigError):
         RECIPE.config("quick", base=None)
+
+
+@pytest.mark.parametrize("preset", ["quick", "standard"])
+def test_the_matched_budget_control_trains_trades_on_for_the_epochs_dhats_stages_add(preset) -> None:
+    dhat, control = get_recipe("dhat").config(preset), get_recipe("trades_ft").config(preset)
+    aggregator = dhat.for_stage("aggregator")
+    assert control.epochs == dhat.for_stage("second").epochs + aggregator.epochs
+    same = ("base", "lr", "schedule", "train_subset", "batch_size", "eps", "attack_steps", "step_size", "val_size")
+    assert [getattr(control, f) for f in same] == [getattr(dhat, f) for f in same]
+    # The main network's own TRADES setting, not the second head's 1/lambda.
+    assert control.params["beta"] == get_recipe("trades").config(preset).params["beta"]
+    assert {claim.against for claim in get_recipe("dhat").claims} == {":main", "trades_ft"}

@@ -56,5 +56,5 @@ def test_the_runs_claims_compare_with_are_named_for_the_pipeline():
 
     assert compared_recipes(["pgd_at", "ducat"]) == ["pgd_at_ft"]  # DUCAT's matched-budget control; pgd_at is asked for
     assert compared_recipes(["ducat"]) == ["pgd_at", "pgd_at_ft"]
-    assert compared_recipes(["dhat"]) == []  # DH-AT's claims compare its own modes
+    assert compared_recipes(["dhat"]) == ["trades_ft"]  # its main network is its own `main` mode; its control is not
     assert compared_recipes(["natural"]) == []
