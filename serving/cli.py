@@ -319,7 +319,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     for recipe, entry in zoo.entries(args.zoo).items():
         record = json.loads((entry / zoo.ZOO_JSON).read_text())
         figures = ", ".join(f"{mode} {acc['accuracy']:.1%}" for mode, acc in record["clean_accuracy"].items())
-        figures += "; converged" if record["validation_rise"]["flat"] else "; NOT flat over its last third (zoo.json)"
+        rise = record["validation_rise"]
+        figures += "; converged" if rise["flat"] else f"; NOT flat over the last third of {', '.join(rise['rising_stages'])}"
         if args.action == "check":
             zoo.check_entry(entry, args.data_root)
         print(f"{recipe:<15} {entry}  clean: {figures}  ({record['code_version']}){'  ok' if args.action == 'check' else ''}")

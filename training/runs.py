@@ -141,17 +141,25 @@ def defense_info(recipe: Recipe, config: TrainConfig, spec: DatasetSpec, state: 
 
 
 FLAT_WITHIN = 0.01  # the standard presets' convergence rule: less than 1 point of rise over the last third
+VALIDATION_KEYS = ("val_clean_acc", "val_robust_acc")  # the validation figures the rule reads
 
 
 def validation_rise(info: dict[str, Any]) -> dict[str, Any]:
     """How much the last stage's validation clean and robust accuracy rose over its last third of epochs (last
-    epoch minus the epoch before that third), and whether both stayed under ``FLAT_WITHIN``: the rule by which
-    a ``standard`` run counts as converged."""
-    history = info["stages"][-1]["history"]
+    epoch minus the epoch before that third), and whether the run is flat: the rule by which a ``standard`` run
+    counts as converged. Every stage must pass it (both rises under ``FLAT_WITHIN``), the base run's included: a
+    short fine-tune of a base that was still rising is not converged however flat its own few epochs are.
+    ``rising_stages`` names the stages that fail."""
+    rises = {stage["name"]: _last_third_rise(stage["history"]) for stage in info["stages"] if stage["history"]}
+    rising = [name for name, rise in rises.items() if not all(rise[key] < FLAT_WITHIN for key in VALIDATION_KEYS)]
+    last = rises[info["stages"][-1]["name"]]
+    return {**last, "flat": not rising, "rising_stages": rising}
+
+
+def _last_third_rise(history: list[dict[str, Any]]) -> dict[str, Any]:
     start = history[max(len(history) - len(history) // 3 - 1, 0)]
-    rise = {key: history[-1][key] - start[key] for key in ("val_clean_acc", "val_robust_acc")}
-    return {"from_epoch": start["epoch"], "to_epoch": history[-1]["epoch"], **rise,
-            "flat": all(value < FLAT_WITHIN for value in rise.values())}
+    return {"from_epoch": start["epoch"], "to_epoch": history[-1]["epoch"],
+            **{key: history[-1][key] - start[key] for key in VALIDATION_KEYS}}
 
 
 def spec_from_info(info: dict[str, Any]) -> DatasetSpec:

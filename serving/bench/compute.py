@@ -40,6 +40,7 @@ from training.models import ARCHITECTURES, build_model
 from .common import BenchmarkError, given, timed, timed_calls
 
 H100_BF16_DENSE_TFLOPS = 989.0
+TOP_OPS = 6  # the ops bench train-step's profile names
 NUM_CLASSES = 10
 TORCHATTACKS_HINT = "pip install --no-deps torchattacks"
 
@@ -311,7 +312,8 @@ def bench_train_step(
 
     ``variants``: img/s and ``ratio`` to float32 of each; ``compile_s``: the first call of a compiled variant
     (compilation included). ``profile``: the training default (``training.devices``' policy, eager) split into
-    its attack and its update, timed separately, and the attack's ``attack_share`` of the two.
+    its attack and its update, timed separately, the attack's ``attack_share`` of the two, and the ``TOP_OPS`` ops
+    that take the most of one step's own time (torch.profiler, self time: share of the step).
     """
     if repeats < 1 or batch_size < 1 or steps < 1:
         raise ConfigError(f"need repeats, batch_size, steps >= 1 (got {repeats}, {batch_size}, {steps})")
@@ -346,6 +348,14 @@ def bench_train_step(
     phases = timed_calls({"attack": lambda: attack(model, default_bf16),
                           "update": lambda: update(model, x_adv, default_bf16)}, repeats, warmup=1, sync=_sync(dev))
     attack_s, update_s = (statistics.median(phases[p]) for p in ("attack", "update"))
+    with torch.profiler.profile() as profiler:  # one default step, op by op
+        update(model, attack(model, default_bf16), default_bf16)
+    def self_time(op: Any) -> float:  # on CUDA the kernels' time, which the CPU only launches
+        return op.self_device_time_total if dev.type == "cuda" else op.self_cpu_time_total
+
+    ops = sorted(profiler.key_averages(), key=self_time, reverse=True)
+    total = sum(self_time(op) for op in ops)
+    top_ops = {op.key: self_time(op) / total for op in ops[:TOP_OPS]}
     return {
         **_setup("train_step", arch, x, batch_size, steps, repeats, eps),
         "native_bf16": default_bf16,
@@ -353,7 +363,7 @@ def bench_train_step(
                      for name, ips in img_s.items()},
         "compile_s": compile_s,
         "profile": {"variant": "bf16_attack" if default_bf16 else "float32", "attack_s": attack_s,
-                    "update_s": update_s, "attack_share": attack_s / (attack_s + update_s)},
+                    "update_s": update_s, "attack_share": attack_s / (attack_s + update_s), "top_ops": top_ops},
         "environment": describe_environment(dev),
     }
 

@@ -77,6 +77,7 @@ def test_bench_train_step_times_each_variant_against_float32_and_splits_the_step
     profile = result["profile"]
     assert profile["attack_share"] == pytest.approx(profile["attack_s"] / (profile["attack_s"] + profile["update_s"]))
     assert result["compile_s"] == {}
+    assert 0 < len(profile["top_ops"]) <= 6 and 0 < sum(profile["top_ops"].values()) <= 1 + 1e-9
     json.dumps(result)
 
 

@@ -39,11 +39,20 @@ def test_bf16_autocast_only_where_native(tmp_path):
 def test_a_run_is_converged_when_its_last_third_rose_less_than_a_point():
     from training.runs import validation_rise
 
-    def info(clean, robust):
-        return {"stages": [{"history": [{"epoch": i + 1, "val_clean_acc": c, "val_robust_acc": r}
-                                        for i, (c, r) in enumerate(zip(clean, robust, strict=True))]}]}
+    def stage(name, clean, robust):
+        return {"name": name, "history": [{"epoch": i + 1, "val_clean_acc": c, "val_robust_acc": r}
+                                          for i, (c, r) in enumerate(zip(clean, robust, strict=True))]}
 
-    flat = validation_rise(info([0.5, 0.7, 0.80, 0.805, 0.80, 0.809], [0.3, 0.4, 0.45, 0.45, 0.451, 0.452]))
+    flat_stage = stage("pgd_at", [0.5, 0.7, 0.80, 0.805, 0.80, 0.809], [0.3, 0.4, 0.45, 0.45, 0.451, 0.452])
+    rising_stage = stage("pgd_at", [0.5, 0.7, 0.80, 0.80, 0.81, 0.83], [0.3, 0.4, 0.45, 0.45, 0.45, 0.45])
+    flat = validation_rise({"stages": [flat_stage]})
     assert flat["from_epoch"] == 4 and flat["to_epoch"] == 6 and flat["flat"]  # the last third: epochs 5 and 6
-    rising = validation_rise(info([0.5, 0.7, 0.80, 0.80, 0.81, 0.83], [0.3, 0.4, 0.45, 0.45, 0.45, 0.45]))
+    assert flat["rising_stages"] == []
+    rising = validation_rise({"stages": [rising_stage]})
     assert rising["val_clean_acc"] == pytest.approx(0.03) and not rising["flat"]
+    # A flat fine-tune of a base that was still rising is not converged: every stage counts.
+    fine_tune = stage("ducat", [0.83, 0.83, 0.832], [0.45, 0.451, 0.45])
+    assert validation_rise({"stages": [flat_stage, fine_tune]})["flat"]
+    tail_of_rising = validation_rise({"stages": [rising_stage, fine_tune]})
+    assert not tail_of_rising["flat"] and tail_of_rising["rising_stages"] == ["pgd_at"]
+    assert tail_of_rising["from_epoch"] == 2 and tail_of_rising["to_epoch"] == 3  # the figures are the last stage's
