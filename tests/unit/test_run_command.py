@@ -11,15 +11,20 @@ from training.recipes import RECIPES
 
 
 def test_the_default_recipes_are_the_five_defenses_and_the_bases_they_need():
-    from serving.cli import build_parser
+    from pathlib import Path
 
-    default = recipe_list(build_parser().parse_args(["run"]).recipes)
+    from serving.cli import default_recipes
+
+    default = recipe_list(default_recipes("quick", None))
     assert {"dhat", "that", "aft_dra", "ducat", "act"} <= set(default)
     assert {"natural", "pgd_at", "trades"} <= set(default)  # AFT-DRA's, DUCAT's and DH-AT's starting runs
     for defense in ("aft_dra", "ducat", "dhat"):  # each starts from a run that the default also trains
         assert RECIPES[defense].config("quick").base in default, defense
     assert recipe_list("all") == list(RECIPES) and {"mart", "consistency_at"} <= set(recipe_list("all"))
     assert recipe_list(" natural , pgd_at,") == ["natural", "pgd_at"]
+    # The standard preset and the zoo: those and the two other baselines, the ten recipes (no control).
+    for zoo_default in (default_recipes("standard", None), default_recipes("quick", Path("model_store/zoo"))):
+        assert set(recipe_list(zoo_default)) == set(default) | {"mart", "consistency_at"}
 
 
 @pytest.mark.parametrize("recipes, message", [("natural,pgd_a", "unknown recipe 'pgd_a'"),

@@ -18,7 +18,7 @@ from .base import SingleStageRecipe, StepContext, register_recipe
 
 CIFAR_EPS = {"eps": 8 / 255, "step_size": 2 / 255, "attack_steps": 10, "dataset": "cifar10", "batch_size": 128}
 
-# Fashion-MNIST on two CPU cores, sized so that training the eight recipes of `make run` takes about
+# Fashion-MNIST on two CPU cores, sized so that training the eight recipes of `robustserve run --preset quick` takes about
 # five minutes (a pipeline check, not converged models): a short cosine run of 2 epochs on a 6k-image subset with a
 # 5-step training adversary (step 2.5 * eps / steps), validated by PGD-10 on 500 held-out images.
 QUICK: dict[str, Any] = {
