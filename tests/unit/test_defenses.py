@@ -20,6 +20,13 @@ def test_every_recipe_has_a_standard_preset_on_the_zoo_setting():
         assert config.train_subset is None and config.val_size == 1000, recipe.id
 
 
+def test_every_recipe_with_a_paper_preset_cites_the_papers_figures():
+    """RESULTS.md's last column: each published method's own numbers, with the table they come from."""
+    for recipe in RECIPES.values():
+        if "paper" in recipe.presets:
+            assert "clean" in recipe.reference and "Table" in recipe.reference, recipe.id
+
+
 def _pair_context(model: nn.Module) -> StepContext:
     return StepContext(model=model, module=model, config=TrainConfig(recipe="trades"), augment=lambda x: x, epoch=0)
 

@@ -122,6 +122,7 @@ class MART(SingleStageRecipe):
     id = "mart"
     compared_with = "pgd_at"
     description = "Wang et al. 2020: boosted CE on adversarial + misclassification-weighted KL"
+    reference = "ResNet-18, CIFAR-10: clean 77.9, PGD-10 53.6, AutoAttack 46.7 (DUCAT paper, Table 1)"
     presets = {
         "paper": {**CIFAR_EPS, "arch": "resnet18", "epochs": 120, "lr": 0.01, "weight_decay": 3.5e-3,
                   "milestones": [75, 90], "params": {"beta": 6.0}},
@@ -141,6 +142,7 @@ class ConsistencyAT(SingleStageRecipe):
     id = "consistency_at"
     compared_with = "pgd_at"
     description = "Tack et al. 2022 on PGD-AT: two augmented adversarial views, CE + lambda * JS(views / tau)"
+    reference = "ResNet-18, CIFAR-10: clean 83.4, PGD-10 53.2, AutoAttack 47.7 (DUCAT paper, Table 1)"
     presets = {
         # Tack et al. use AutoAugment for the two views; here both views use the dataset's standard
         # augmentation, drawn independently, which keeps the recipe dataset-agnostic.
