@@ -97,7 +97,9 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe id (see `robustserve list`)")
-    p.add_argument("--preset", default="quick", help="preset: quick (2 CPU cores, Fashion-MNIST) or paper")
+    p.add_argument("--preset", default="quick",
+                   help="preset: quick (a pipeline check in minutes on 2 CPU cores), standard (the zoo's setting, "
+                        "hours on 2 cores) or paper (a GPU)")
     for flag, kind, text in TRAIN_FLAGS:
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--download", action="store_true", help="download CIFAR where there is internet")
