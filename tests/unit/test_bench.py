@@ -14,7 +14,7 @@ HAS_TORCHATTACKS = importlib.util.find_spec("torchattacks") is not None
 
 
 @pytest.mark.skipif(not HAS_TORCHATTACKS,
-                    reason="torchattacks is not a project dependency: pip install --no-deps torchattacks")
+                    reason="needs the torchattacks package (`make install` installs it with --no-deps)")
 def test_bench_attacks_smallcnn() -> None:
     result = bench_attacks(arch="smallcnn", batch_size=16, steps=10, repeats=1, device="cpu")
     assert result["ours_img_s"] > 0 and result["theirs_img_s"] > 0
