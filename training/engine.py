@@ -130,6 +130,7 @@ class Trainer:
         self.stages = self.recipe.stages(config)
         self.base_dir = resolve_base_run(config, runs_root)
         self._check_run_dir(resume, force)
+        config = self.config = self._with_run_secrets(config, resume)
         self.device = default_device(config.device)
         if self.device.type == "cuda" and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -180,6 +181,25 @@ class Trainer:
             code = errno.EROFS if os.statvfs(self.run_dir).f_flag & os.ST_RDONLY else errno.EACCES
             denied = OSError(code, os.strerror(code))
             raise CheckpointError(cannot_write(self.run_dir, denied, "choose another --out"))
+
+    def _with_run_secrets(self, config: TrainConfig, resume: bool) -> TrainConfig:
+        """``config`` with the recipe's per-run secrets (``Recipe.draw_run_secrets``): those a resumed run started
+        with, else drawn now, on rank 0 and sent to the other ranks so that every rank trains the same network."""
+        drawn = self.recipe.draw_run_secrets(config)
+        if not drawn:
+            return config
+        if resume and (self.run_dir / LAST).exists():
+            try:
+                saved = load_tensors(self.run_dir / LAST)[1] or {}
+            except CheckpointError:  # unreadable: _load_last reports it
+                saved = {}
+            saved_params = saved.get("config", {}).get("params", {})
+            drawn = {key: saved_params.get(key, value) for key, value in drawn.items()}
+        if self.dist.world_size > 1:
+            shared = [drawn]
+            dist.broadcast_object_list(shared, src=0)
+            drawn = shared[0]
+        return config.updated({"params": {**config.params, **drawn}})
 
     def _load_base(self, base_dir: Path) -> LoadedRun:
         if not run_finished(base_dir):
@@ -374,6 +394,8 @@ class Trainer:
             self._write_defense_json()
 
     def _check_ranks_agree(self) -> None:
+        """Every rank must end with the same weights and have trained with the same settings, per-run secrets
+        included (a rank with its own DUCAT pairing would train other targets on the same weights)."""
         digest = weights_digest(self.module)
         digests: list[str] = [""] * self.dist.world_size
         dist.all_gather_object(digests, digest)
@@ -381,6 +403,10 @@ class Trainer:
             self._log(f"rank {rank} final weights sha256 {rank_digest}")
         if len(set(digests)) != 1:
             raise RuntimeError(f"DDP ranks finished with different weights: {digests}")
+        settings: list[dict[str, Any]] = [{}] * self.dist.world_size
+        dist.all_gather_object(settings, asdict(self.config))
+        if any(other != settings[0] for other in settings[1:]):  # not printed: the settings hold the secrets
+            raise RuntimeError("DDP ranks trained with different settings")
 
     def _log(self, message: str) -> None:
         if self.dist.is_main:

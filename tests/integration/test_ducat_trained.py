@@ -60,7 +60,7 @@ def test_any_dummy_bias_offset_keeps_every_recovered_prediction(trained_smallcnn
 def test_initialize_from_a_base_run_keeps_its_predictions(trained_smallcnn, synthetic_batch, tmp_path, secret) -> None:
     x, _ = synthetic_batch
     base = LoadedRun(run_dir=tmp_path, info={"defense": "pgd_at"}, model=copy.deepcopy(trained_smallcnn))
-    config = DUCAT.config("quick", params={"secret_pairing": secret})
+    config = DUCAT.config("quick", params={"secret_pairing": secret, "pairing_seed": 5})
     model = DUCAT.build_model(SPEC, config)
     DUCAT.initialize(model, base, config)
     model.eval()
@@ -87,3 +87,23 @@ def test_ducat_trains_end_to_end_from_a_base_run(learnable_fashion_mnist, tmp_pa
     stored = read_pairing(run_dir / PAIRING_FILE)
     assert loaded.model.num_outputs == 20 and stored == trained_pairing(loaded.model) and not stored.is_identity
     assert not list(Path(run_dir).glob(".*.tmp"))
+
+
+def test_each_run_draws_its_own_secret_pairing_and_a_resumed_run_keeps_it(learnable_fashion_mnist, tmp_path) -> None:
+    tiny = {"epochs": 1, "batch_size": 50, "train_subset": 100, "val_size": 50, "attack_steps": 1,
+            "val_attack_steps": 1, "lr": 0.05}
+    runs = tmp_path / "runs"
+
+    def pairing_seed(run_dir: Path) -> int:
+        return json.loads((run_dir / "defense.json").read_text())["config"]["params"]["pairing_seed"]
+
+    first = train(DUCAT.config("quick", **tiny), tmp_path / "first", progress=False, runs_root=runs)
+    second = train(DUCAT.config("quick", **tiny), tmp_path / "second", progress=False, runs_root=runs)
+    assert pairing_seed(first) != pairing_seed(second), "the same command and --seed must not give the same secret"
+    assert read_pairing(first / PAIRING_FILE) == ClassPairing.random(10, pairing_seed(first))
+    pairing = read_pairing(first / PAIRING_FILE)
+    # Continued for a second epoch, the run keeps the pairing it trained with.
+    train(DUCAT.config("quick", **{**tiny, "epochs": 2}), first, resume=True, progress=False, runs_root=runs)
+    info = json.loads((first / "defense.json").read_text())
+    assert info["stages"][0]["epochs_done"] == 2
+    assert read_pairing(first / PAIRING_FILE) == pairing == trained_pairing(load_run(first).model)

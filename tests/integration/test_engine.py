@@ -98,6 +98,22 @@ def test_ddp_gloo_two_ranks_end_with_identical_weights(learnable_fashion_mnist, 
     assert epochs_done(run_dir) == 1
 
 
+def test_ddp_ranks_train_one_secret_pairing(learnable_fashion_mnist, tmp_path) -> None:
+    """Each rank runs the command on its own; rank 0 draws the run's secret pairing and the others take it (the
+    engine's settings check fails the run otherwise)."""
+    base = train(tiny_config(epochs=1, train_subset=100), tmp_path / "base", progress=False)
+    run_dir = tmp_path / "ducat"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           ROBUSTSERVE, "train", "ducat", "--out", str(run_dir), *TINY_FLAGS, "--epochs", "1", "--batch-size", "26",
+           "--set", "train_subset=104", "--set", f"base_run={base}", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    seed = json.loads((run_dir / DEFENSE_JSON).read_text())["config"]["params"]["pairing_seed"]
+    assert str(seed) not in result.stdout + result.stderr, "the secret is not logged"
+    assert epochs_done(run_dir) == 1
+
+
 def test_existing_run_needs_resume_or_force(learnable_fashion_mnist, tmp_path) -> None:
     run_dir = train(tiny_config(epochs=1), tmp_path / "run", progress=False)
     with pytest.raises(CheckpointError, match="--resume"):

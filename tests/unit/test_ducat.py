@@ -198,7 +198,7 @@ def test_dummy_bias_offset_must_not_raise_the_dummies() -> None:
 
 
 def step_context(method: str, epoch: int = 0, epochs: int = 1, **params) -> tuple[StepContext, nn.Module]:
-    config = DUCAT.config("quick", attack_steps=2, epochs=epochs, params={"method": method, **params})
+    config = DUCAT.config("quick", attack_steps=2, epochs=epochs, params={"method": method, "pairing_seed": 3, **params})
     torch.manual_seed(0)
     model = DUCAT.build_model(SPEC, config)
     return StepContext(model=model, module=model, config=config, augment=lambda t: t, epoch=epoch), model
@@ -307,7 +307,19 @@ def test_the_matched_budget_control_trains_pgd_at_on_for_ducats_epochs_and_lr(pr
 
 
 @pytest.mark.parametrize("params", [{"method": "natural"}, {"beta1": 1.5}, {"alpha": "half"}, {"start_epoch": 1},
-                                    {"start_epoch": -1}, {"secret_pairing": "yes"}])
+                                    {"start_epoch": -1}, {"secret_pairing": "yes"}, {"pairing_seed": -1},
+                                    {"pairing_seed": "7"}, {"pairing_seed": True}])
 def test_bad_settings_are_config_errors(params) -> None:
     with pytest.raises(ConfigError):
         DUCAT.config("quick", params=params)
+
+
+def test_a_secret_pairing_is_drawn_for_each_run_not_derived_from_its_seed() -> None:
+    config = DUCAT.config("standard")
+    assert config.params["secret_pairing"] and "pairing_seed" not in config.params, "--seed must not fix the pairing"
+    drawn = {DUCAT.draw_run_secrets(config)["pairing_seed"] for _ in range(4)}
+    assert len(drawn) == 4 and all(0 <= seed < 2**63 for seed in drawn)
+    with pytest.raises(ConfigError, match="pairing_seed"):
+        DUCAT.build_model(SPEC, config)
+    assert DUCAT.draw_run_secrets(DUCAT.config("standard", params={"pairing_seed": 5})) == {}, "a given seed is kept"
+    assert DUCAT.draw_run_secrets(DUCAT.config("paper")) == {}, "the paper's k -> k + C has no secret"

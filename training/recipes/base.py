@@ -187,6 +187,13 @@ class Recipe(ABC):
                               f"{', '.join(stage.name for stage in self.stages(config))}")
         return config
 
+    def draw_run_secrets(self, config: TrainConfig) -> dict[str, Any]:
+        """Params this run draws from the operating system's randomness, not from its seed, so that no one who
+        knows the code and the command can recompute them (DUCAT's secret pairing). The engine calls this once
+        per new run, on rank 0, and records what it returns in ``config.params``; a resumed run keeps the values
+        it started with. Default: none."""
+        return {}
+
     def build_backbone(self, spec: DatasetSpec, config: TrainConfig, num_classes: int | None = None) -> nn.Module:
         return build_model(config.arch or spec.default_architecture, num_classes=num_classes or spec.num_classes,
                            in_channels=spec.input_shape[0], mean=spec.mean, std=spec.std)

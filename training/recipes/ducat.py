@@ -13,16 +13,20 @@ real label (Algorithm 1, line 4: A(theta'), as in the authors' code): maximising
 real class over 2C outputs lets it push x' into the dummy class, which is what DUCAT trains for.
 
 The pairing of real and dummy classes is ``k -> k + C`` (the paper's layout), or with
-``params.secret_pairing`` a permutation drawn from ``params.pairing_seed`` (default: the run's seed)
-at training time. It is a plain attribute of the built network, never a weight, so it is in no
-checkpoint or exported graph; ``finish`` stores it in the run folder as ``pairing.json`` and
-``modes`` reads it back. It is as secret as that file and the run's ``defense.json`` (which records
-the seed): both stay on the server.
+``params.secret_pairing`` a permutation drawn from ``params.pairing_seed``. That seed comes from the
+operating system's randomness when the run starts (``draw_run_secrets``), not from the run's seed: a
+pairing derived from ``--seed``, 0 unless changed, would be the same for everyone who trains with the
+defaults and could be recomputed from the code. Pass ``--set params.pairing_seed=N`` only to reproduce a
+run exactly. The pairing is a plain attribute of the built network, never a weight, so it is in no
+exported graph; ``finish`` stores it in the run folder as ``pairing.json`` and ``modes`` reads it back. It
+is as secret as that file, the run's ``defense.json`` and its checkpoints (which record the seed): all
+stay on the server.
 """
 
 from __future__ import annotations
 
 import copy
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,14 +161,13 @@ class DUCAT(SingleStageRecipe):
 
     def config(self, preset: str, **overrides: Any) -> TrainConfig:
         """The preset with overrides, plus the base method's own hyper-parameters (TRADES' beta, ...)
-        from that recipe's preset of the same name, and the pairing seed, all made explicit."""
+        from that recipe's preset of the same name, made explicit."""
         config = super().config(preset, **overrides)
         method = _method(config)
         if method not in self.bases:
             raise ConfigError(f"ducat plugs into {', '.join(self.bases)}; params.method is {method!r}")
         method_params = get_method(method).presets.get(preset, {}).get("params", {})
-        config = config.updated({"params": {**method_params, "method": method, "pairing_seed": config.seed,
-                                            **config.params}})
+        config = config.updated({"params": {**method_params, "method": method, **config.params}})
         self._check(config)
         return config
 
@@ -184,12 +187,25 @@ class DUCAT(SingleStageRecipe):
                               f"rows); got {offset!r}")
         if not isinstance(params.get("secret_pairing"), bool):
             raise ConfigError(f"params.secret_pairing must be true or false; got {params.get('secret_pairing')!r}")
+        seed = params.get("pairing_seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ConfigError(f"params.pairing_seed must be a non-negative integer; got {seed!r}")
+
+    def draw_run_secrets(self, config: TrainConfig) -> dict[str, Any]:
+        """A secret pairing's seed, 63 bits from ``secrets``, unless the command gave one."""
+        if config.params.get("secret_pairing") and config.params.get("pairing_seed") is None:
+            return {"pairing_seed": secrets.randbits(63)}
+        return {}
 
     def build_model(self, spec: DatasetSpec, config: TrainConfig) -> nn.Module:
         """The backbone with a 2C-output classifier, carrying its class pairing (see ``widen_with_pairing``)."""
         c = spec.num_classes
-        pairing = (ClassPairing.random(c, int(config.params["pairing_seed"])) if config.params.get("secret_pairing")
-                   else ClassPairing.identity(c))
+        pairing = ClassPairing.identity(c)
+        if config.params.get("secret_pairing"):
+            if config.params.get("pairing_seed") is None:
+                raise ConfigError("a secret pairing needs params.pairing_seed; the training engine draws one per run "
+                                  "(draw_run_secrets)")
+            pairing = ClassPairing.random(c, config.params["pairing_seed"])
         model = self.build_backbone(spec, config)
         widen_with_pairing(model, pairing, config.params.get("dummy_bias_offset", DUMMY_BIAS_OFFSET))
         return model
