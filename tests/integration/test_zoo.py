@@ -8,7 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
+from training.checkpoint import load_tensors
+from training.dummy_classes import PAIRING_FILE, read_pairing
 from training.errors import CheckpointError
 from training.run_files import MEMORY_BANK, sha256_file
 from training.runs import LAST, REPORT_JSON
@@ -63,3 +66,17 @@ def test_each_committed_zoo_model_has_its_recorded_clean_accuracy(entry):
     """Every mode of every committed model, on the whole Fashion-MNIST test set, against its zoo.json."""
     for mode, (recorded, measured) in check_entry(entry).items():
         assert measured == pytest.approx(recorded, abs=3), mode
+
+
+@pytest.mark.skipif(not (COMMITTED / "ducat-standard-fashion_mnist-smallcnn").is_dir(), reason="no committed DUCAT")
+def test_the_zoo_ducats_pairing_can_be_read_off_its_weights():
+    """SECURITY.md's warning, measured: each dummy row of the classifier starts as a copy of its real row, and after
+    training the most similar one (cosine of the weight rows) still names the pairing. The secret pairing is only as
+    secret as the weights."""
+    entry = COMMITTED / "ducat-standard-fashion_mnist-smallcnn"
+    tensors, _ = load_tensors(entry / "best.safetensors")
+    rows = torch.nn.functional.normalize(tensors["classifier.weight"].float(), dim=1)
+    pairing = read_pairing(entry / PAIRING_FILE)
+    classes = pairing.num_classes
+    read_off = (rows[:classes] @ rows[classes:].T).argmax(1) + classes
+    assert read_off.tolist() == list(pairing.dummy_of)
