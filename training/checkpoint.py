@@ -85,6 +85,11 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
     return read_tensors(path, "pt")
 
 
+def load_state(path: Path) -> dict[str, Any] | None:
+    """Only the state stored with a checkpoint's tensors (the tensors stay on disk)."""
+    return read_tensors(path, "pt", with_tensors=False)[1]
+
+
 def model_tensors(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 

@@ -29,6 +29,7 @@ from .attacks.attacks import PGD, accuracy
 from .checkpoint import (
     CheckpointError,
     load_optimizer_tensors,
+    load_state,
     load_tensors,
     model_tensors,
     optimizer_tensors,
@@ -190,7 +191,7 @@ class Trainer:
             return config
         if resume and (self.run_dir / LAST).exists():
             try:
-                saved = load_tensors(self.run_dir / LAST)[1] or {}
+                saved = load_state(self.run_dir / LAST) or {}
             except CheckpointError:  # unreadable: _load_last reports it
                 saved = {}
             saved_params = saved.get("config", {}).get("params", {})
@@ -396,16 +397,14 @@ class Trainer:
     def _check_ranks_agree(self) -> None:
         """Every rank must end with the same weights and have trained with the same settings, per-run secrets
         included (a rank with its own DUCAT pairing would train other targets on the same weights)."""
-        digest = weights_digest(self.module)
-        digests: list[str] = [""] * self.dist.world_size
-        dist.all_gather_object(digests, digest)
+        ranks: list[tuple[str, dict[str, Any]]] = [("", {})] * self.dist.world_size
+        dist.all_gather_object(ranks, (weights_digest(self.module), asdict(self.config)))
+        digests = [digest for digest, _ in ranks]
         for rank, rank_digest in enumerate(digests):
             self._log(f"rank {rank} final weights sha256 {rank_digest}")
         if len(set(digests)) != 1:
             raise RuntimeError(f"DDP ranks finished with different weights: {digests}")
-        settings: list[dict[str, Any]] = [{}] * self.dist.world_size
-        dist.all_gather_object(settings, asdict(self.config))
-        if any(other != settings[0] for other in settings[1:]):  # not printed: the settings hold the secrets
+        if any(settings != ranks[0][1] for _, settings in ranks[1:]):  # not printed: the settings hold the secrets
             raise RuntimeError("DDP ranks trained with different settings")
 
     def _log(self, message: str) -> None:

@@ -36,16 +36,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_tensors(path: Path, framework: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def read_tensors(path: Path, framework: str, *, with_tensors: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The tensors of a safetensors file (``framework``: "np" numpy arrays, "pt" torch tensors) and the JSON
-    state ``training.checkpoint.save_tensors`` stored in its metadata (None when there is none)."""
+    state ``training.checkpoint.save_tensors`` stored in its metadata (None when there is none). Without
+    ``with_tensors`` only the state is read (the tensors come back empty)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         with safe_open(str(path), framework=framework) as handle:
             raw = (handle.metadata() or {}).get("state")
-            tensors = handle.get_tensors()
+            tensors = handle.get_tensors() if with_tensors else {}
         return tensors, (json.loads(raw) if raw else None)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # what safetensors raises for corrupt files
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {err}") from err

@@ -21,7 +21,8 @@ from training.stats import paired_difference, proportion
 EPS, STEPS = 0.02, 20  # at this eps PGD leaves ~58% of the held-out images correct: room to disagree both ways
 
 STEP = 2.5 * EPS / STEPS  # the step PGD takes by default
-torchattacks = pytest.importorskip("torchattacks", reason="torchattacks is installed by `make install`")
+torchattacks = pytest.importorskip(
+    "torchattacks", reason="needs the torchattacks package (`make install` installs it with --no-deps)")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,6 +22,9 @@ from training.runs import LoadedRun, load_run
 SPEC = DatasetSpec(name="fashion_mnist", class_names=tuple(f"c{k}" for k in range(10)), input_shape=(1, 28, 28),
                    mean=(0.5,), std=(0.5,), default_architecture="smallcnn")
 DUCAT = get_recipe("ducat")
+# One epoch of 100 images on a one-step adversary: seconds per run.
+TINY = {"epochs": 1, "batch_size": 50, "train_subset": 100, "val_size": 50, "attack_steps": 1,
+        "val_attack_steps": 1, "lr": 0.05}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,9 +79,7 @@ def test_initialize_from_a_base_run_keeps_its_predictions(trained_smallcnn, synt
 
 
 def test_ducat_trains_end_to_end_from_a_base_run(learnable_fashion_mnist, tmp_path) -> None:
-    tiny = {"epochs": 1, "batch_size": 50, "train_subset": 100, "val_size": 50, "attack_steps": 1,
-            "val_attack_steps": 1, "lr": 0.05}
-    config = DUCAT.config("quick", **tiny)
+    config = DUCAT.config("quick", **TINY)
     run_dir = train(config, tmp_path / "ducat", progress=False, runs_root=tmp_path / "runs")
     assert (tmp_path / "runs" / "pgd_at-quick-fashion_mnist-smallcnn" / "best.safetensors").is_file()
     info = json.loads((run_dir / "defense.json").read_text())
@@ -90,20 +91,18 @@ def test_ducat_trains_end_to_end_from_a_base_run(learnable_fashion_mnist, tmp_pa
 
 
 def test_each_run_draws_its_own_secret_pairing_and_a_resumed_run_keeps_it(learnable_fashion_mnist, tmp_path) -> None:
-    tiny = {"epochs": 1, "batch_size": 50, "train_subset": 100, "val_size": 50, "attack_steps": 1,
-            "val_attack_steps": 1, "lr": 0.05}
     runs = tmp_path / "runs"
 
     def pairing_seed(run_dir: Path) -> int:
         return json.loads((run_dir / "defense.json").read_text())["config"]["params"]["pairing_seed"]
 
-    first = train(DUCAT.config("quick", **tiny), tmp_path / "first", progress=False, runs_root=runs)
-    second = train(DUCAT.config("quick", **tiny), tmp_path / "second", progress=False, runs_root=runs)
+    first = train(DUCAT.config("quick", **TINY), tmp_path / "first", progress=False, runs_root=runs)
+    second = train(DUCAT.config("quick", **TINY), tmp_path / "second", progress=False, runs_root=runs)
     assert pairing_seed(first) != pairing_seed(second), "the same command and --seed must not give the same secret"
     assert read_pairing(first / PAIRING_FILE) == ClassPairing.random(10, pairing_seed(first))
     pairing = read_pairing(first / PAIRING_FILE)
     # Continued for a second epoch, the run keeps the pairing it trained with.
-    train(DUCAT.config("quick", **{**tiny, "epochs": 2}), first, resume=True, progress=False, runs_root=runs)
+    train(DUCAT.config("quick", **{**TINY, "epochs": 2}), first, resume=True, progress=False, runs_root=runs)
     info = json.loads((first / "defense.json").read_text())
     assert info["stages"][0]["epochs_done"] == 2
     assert read_pairing(first / PAIRING_FILE) == pairing == trained_pairing(load_run(first).model)

@@ -68,7 +68,6 @@ def test_each_committed_zoo_model_has_its_recorded_clean_accuracy(entry):
         assert measured == pytest.approx(recorded, abs=3), mode
 
 
-@pytest.mark.skipif(not (COMMITTED / "ducat-standard-fashion_mnist-smallcnn").is_dir(), reason="no committed DUCAT")
 def test_the_zoo_ducats_pairing_can_be_read_off_its_weights():
     """SECURITY.md's warning, measured: each dummy row of the classifier starts as a copy of its real row, and after
     training the most similar one (cosine of the weight rows) still names the pairing. The secret pairing is only as
