@@ -147,7 +147,7 @@ class Trainer:
             self.base = self._load_base(self.base_dir)
             self.recipe.initialize(self.module, self.base, config)
         self.module = self.module.to(self.device)
-        if self._on_cuda(config.channels_last):
+        if config.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.state: dict[str, Any] = {
             "stage": 0, "finished": False,
@@ -158,9 +158,6 @@ class Trainer:
             self._load_last()
 
     # -- setup ---------------------------------------------------------------------------------
-
-    def _on_cuda(self, flag: bool) -> bool:
-        return flag and self.device.type == "cuda"
 
     def _check_run_dir(self, resume: bool, force: bool) -> None:
         exists = (self.run_dir / LAST).exists()
@@ -273,7 +270,7 @@ class Trainer:
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self._on_cuda(self.config.channels_last) else x
+        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
     def train_epoch(self, model: nn.Module, index: int, epoch: int) -> dict[str, float | None]:
         stage = self.stages[index]

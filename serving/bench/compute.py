@@ -6,8 +6,9 @@ JSON-serialisable dict.
 * ``bench_at_step``: one PGD-k adversarial-training step (attack, forward/backward, SGD step) with
   bf16 autocast (CUDA only; a no-op on CPU) and channels_last, in img/s and achieved TFLOP/s.
 * ``bench_train_step``: the training's own PGD-AT step (``training.devices``' autocast policy) in the
-  variants the speed-up trial compares: float32, bf16 attack where bf16 is native, and each under
-  ``torch.compile``; interleaved, as ratios to float32, with the default step split into attack and update.
+  variants the speed-up trial compares: float32, bf16 attack where bf16 is native, each in the usual layout
+  and channels_last, and under ``torch.compile``; interleaved, as ratios to float32, with the default step
+  split into attack and update.
 * ``run_benchmarks``: the attacks and the AT step (the AT step only on CUDA) plus the environment.
 * ``forward_flops_per_image``: a model's forward FLOPs (also bench serve's DH-AT head comparison).
 
@@ -22,7 +23,7 @@ import contextlib
 import functools
 import statistics
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -310,24 +311,31 @@ def bench_train_step(
     """The training's PGD-AT step (``steps``-step Linf PGD at step eps/2, as the standard preset's training
     adversary, then cross-entropy, backward and an SGD step) in each variant of ``step_variants``, interleaved.
 
-    ``variants``: img/s and ``ratio`` to float32 of each; ``compile_s``: the first call of a compiled variant
-    (compilation included). ``profile``: the training default (``training.devices``' policy, eager) split into
-    its attack and its update, timed separately, the attack's ``attack_share`` of the two, and the ``TOP_OPS`` ops
-    that take the most of one step's own time (torch.profiler, self time: share of the step).
+    ``variants``: img/s and ``ratio`` to float32 in the usual (NCHW) layout of each; ``compile_s``: the first call
+    of a compiled variant (compilation included). ``profile``: the training default (``training.devices``' autocast
+    policy, channels_last, eager) split into its attack and its update, timed separately, the attack's
+    ``attack_share`` of the two, and the ``TOP_OPS`` ops that take the most of one step's own time (torch.profiler,
+    self time: share of the step).
     """
     if repeats < 1 or batch_size < 1 or steps < 1:
         raise ConfigError(f"need repeats, batch_size, steps >= 1 (got {repeats}, {batch_size}, {steps})")
     dev = default_device(device)
-    model, x, y = _model_and_batch(arch, batch_size, dev)
     eps = default_eps(arch)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    compiled = torch.compile(model) if compile_model else None
+    # One model per layout, with the same initial weights and batch (y too): converting a module's layout converts
+    # it in place.
+    layouts = {}
+    for channels_last in (False, True):
+        model, x, y = _model_and_batch(arch, batch_size, dev)
+        if channels_last:
+            model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        layouts[channels_last] = (model, torch.compile(model) if compile_model else None, x, optimizer)
 
-    def attack(net: nn.Module, bf16: bool) -> torch.Tensor:
+    def attack(net: nn.Module, x: torch.Tensor, bf16: bool) -> torch.Tensor:
         with attack_autocast(dev, bf16):
             return pgd(net, x, y, eps=eps, step_size=eps / 2, steps=steps)
 
-    def update(net: nn.Module, x_adv: torch.Tensor, bf16: bool) -> None:
+    def update(net: nn.Module, optimizer: torch.optim.Optimizer, x_adv: torch.Tensor, bf16: bool) -> None:
         net.train()
         with step_autocast(dev, bf16):
             loss = F.cross_entropy(net(x_adv).float(), y)
@@ -335,21 +343,25 @@ def bench_train_step(
         loss.backward()
         optimizer.step()
 
-    calls: dict[str, Callable[[], None]] = {}
-    for name, (bf16, use_compiled) in step_variants(dev, compile_model).items():
-        net = compiled if use_compiled else model
-        calls[name] = functools.partial(lambda n, b: update(n, attack(n, b), b), net, bf16)
+    def step(variant: StepVariant) -> None:
+        model, compiled, x, optimizer = layouts[variant.channels_last]
+        net = compiled if variant.compiled else model
+        update(net, optimizer, attack(net, x, variant.bf16), variant.bf16)
+
+    calls = {name: functools.partial(step, variant) for name, variant in step_variants(dev, compile_model).items()}
     compile_s = {name: timed(call, _sync(dev))[0] for name, call in calls.items() if name.startswith("compiled")}
     times = timed_calls(calls, repeats, warmup=1, sync=_sync(dev))
     img_s = {name: batch_size / statistics.median(t) for name, t in times.items()}
 
     default_bf16 = dev.type == "cuda" or cpu_has_native_bf16()
-    x_adv = attack(model, default_bf16)
-    phases = timed_calls({"attack": lambda: attack(model, default_bf16),
-                          "update": lambda: update(model, x_adv, default_bf16)}, repeats, warmup=1, sync=_sync(dev))
+    model, _, x, optimizer = layouts[True]
+    x_adv = attack(model, x, default_bf16)
+    phases = timed_calls({"attack": lambda: attack(model, x, default_bf16),
+                          "update": lambda: update(model, optimizer, x_adv, default_bf16)},
+                         repeats, warmup=1, sync=_sync(dev))
     attack_s, update_s = (statistics.median(phases[p]) for p in ("attack", "update"))
     with torch.profiler.profile() as profiler:  # one default step, op by op
-        update(model, attack(model, default_bf16), default_bf16)
+        update(model, optimizer, attack(model, x, default_bf16), default_bf16)
     def self_time(op: Any) -> float:  # on CUDA the kernels' time, which the CPU only launches
         return op.self_device_time_total if dev.type == "cuda" else op.self_cpu_time_total
 
@@ -362,23 +374,31 @@ def bench_train_step(
         "variants": {name: {"img_s": ips, "ratio": ips / img_s["float32"], "times_s": times[name]}
                      for name, ips in img_s.items()},
         "compile_s": compile_s,
-        "profile": {"variant": "bf16_attack" if default_bf16 else "float32", "attack_s": attack_s,
-                    "update_s": update_s, "attack_share": attack_s / (attack_s + update_s), "top_ops": top_ops},
+        "profile": {"variant": ("bf16_attack" if default_bf16 else "float32") + "_channels_last",
+                    "attack_s": attack_s, "update_s": update_s, "attack_share": attack_s / (attack_s + update_s),
+                    "top_ops": top_ops},
         "environment": describe_environment(dev),
     }
 
 
-def step_variants(device: torch.device, compile_model: bool) -> dict[str, tuple[bool, bool]]:
-    """What ``bench_train_step`` tries: name -> (bf16 autocast as training would use it, ``torch.compile``d model).
-    The bf16 variants only where bf16 is native (elsewhere ``attack_autocast`` leaves them float32)."""
+class StepVariant(NamedTuple):
+    bf16: bool  # autocast as training would use it (training.devices)
+    compiled: bool  # a torch.compile'd model
+    channels_last: bool  # model and batch in NHWC
+
+
+def step_variants(device: torch.device, compile_model: bool) -> dict[str, StepVariant]:
+    """What ``bench_train_step`` tries: each precision in each layout, and compiled in the training's layout
+    (channels_last). The bf16 variants only where bf16 is native (elsewhere ``attack_autocast`` leaves them float32)."""
     precisions = {"float32": False}
     if device.type == "cuda" or cpu_has_native_bf16():
         precisions["bf16_attack" if device.type == "cpu" else "bf16"] = True
-    variants: dict[str, tuple[bool, bool]] = {}
+    variants: dict[str, StepVariant] = {}
     for name, bf16 in precisions.items():
-        variants[name] = (bf16, False)
+        variants[name] = StepVariant(bf16, compiled=False, channels_last=False)
+        variants[f"{name}_channels_last"] = StepVariant(bf16, compiled=False, channels_last=True)
         if compile_model:
-            variants[f"compiled_{name}"] = (bf16, True)
+            variants[f"compiled_{name}_channels_last"] = StepVariant(bf16, compiled=True, channels_last=True)
     return variants
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from training.checkpoint import CheckpointError, load_tensors
 from training.config import TrainConfig
@@ -56,6 +57,21 @@ def test_every_baseline_trains_and_learns(recipe, learnable_fashion_mnist, tmp_p
     loaded = load_run(run_dir)
     assert loaded.model.num_outputs == 10 and not loaded.model.training
     assert not list(run_dir.glob(".*.tmp")), "no temporary files may be left behind"
+
+
+def test_training_runs_channels_last_on_the_cpu_and_saves_the_usual_layout(learnable_fashion_mnist, tmp_path) -> None:
+    trainer = Trainer(tiny_config(epochs=1, select_by="last", device="cpu"), tmp_path / "run", progress=False)
+    # The first convolution has one input channel, where both layouts have the same strides.
+    convs = [m for m in trainer.module.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1]
+    assert convs and all(conv.weight.is_contiguous(memory_format=torch.channels_last)
+                         and not conv.weight.is_contiguous() for conv in convs)
+    run_dir = trainer.fit()
+    loaded = load_run(run_dir).model  # built in the usual layout
+    trainer.module.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(trainer.val_x), trainer.module(trainer.val_x), atol=1e-5)
+    plain = Trainer(tiny_config(channels_last=False, device="cpu"), tmp_path / "plain", progress=False)
+    assert all(m.weight.is_contiguous() for m in plain.module.modules() if isinstance(m, nn.Conv2d))
 
 
 def test_killed_run_resumes_to_identical_weights(learnable_fashion_mnist, tmp_path) -> None:

@@ -69,7 +69,8 @@ def test_bench_train_step_times_each_variant_against_float32_and_splits_the_step
     from training import devices
 
     result = bench_train_step(arch="smallcnn", batch_size=8, steps=2, repeats=1, device="cpu", compile_model=False)
-    expected = ["float32", "bf16_attack"] if devices.cpu_has_native_bf16() else ["float32"]
+    precisions = ["float32", "bf16_attack"] if devices.cpu_has_native_bf16() else ["float32"]
+    expected = [name for precision in precisions for name in (precision, f"{precision}_channels_last")]
     assert list(result["variants"]) == expected and result["native_bf16"] == devices.cpu_has_native_bf16()
     assert result["variants"]["float32"]["ratio"] == 1.0
     for figures in result["variants"].values():
@@ -86,9 +87,13 @@ def test_train_step_variants_follow_the_training_autocast_policy(monkeypatch: py
 
     from serving.bench import compute
 
+    Variant = compute.StepVariant
     monkeypatch.setattr(compute, "cpu_has_native_bf16", lambda: False)
-    assert compute.step_variants(torch.device("cpu"), True) == {"float32": (False, False),
-                                                                "compiled_float32": (False, True)}
+    assert compute.step_variants(torch.device("cpu"), True) == {
+        "float32": Variant(bf16=False, compiled=False, channels_last=False),
+        "float32_channels_last": Variant(bf16=False, compiled=False, channels_last=True),
+        "compiled_float32_channels_last": Variant(bf16=False, compiled=True, channels_last=True)}
     monkeypatch.setattr(compute, "cpu_has_native_bf16", lambda: True)
-    assert list(compute.step_variants(torch.device("cpu"), False)) == ["float32", "bf16_attack"]
-    assert compute.step_variants(torch.device("cuda"), False)["bf16"] == (True, False)
+    assert list(compute.step_variants(torch.device("cpu"), False)) == [
+        "float32", "float32_channels_last", "bf16_attack", "bf16_attack_channels_last"]
+    assert compute.step_variants(torch.device("cuda"), False)["bf16"] == Variant(True, False, False)
