@@ -50,8 +50,8 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
     amp: bool = True  # bf16 autocast: whole steps on CUDA; training attacks on CPUs with AMX or AVX512-BF16 (training.devices)
-    # NHWC convolutions: faster on CUDA (tensor cores) and on CPUs too (oneDNN; a PGD-AT step x1.9 on the
-    # Xeon with AMX, README "Training speed"); the weights are saved in the usual layout either way.
+    # NHWC convolutions: faster on CUDA (tensor cores) and on CPUs too (oneDNN; the PGD-AT step x1.8 on the Xeon
+    # with AMX, `robustserve bench train-step`); the weights are saved in the usual layout either way.
     channels_last: bool = True
     workers: int = 0
 
