@@ -386,7 +386,9 @@ class Trainer:
         if self.dist.is_main:
             tensors, _ = load_tensors(self.run_dir / BEST)
             self.module.load_state_dict(tensors)
-            self.module.eval()
+            # In the usual layout, as packaging and evaluation load the weights: an artifact computed from them
+            # (THAT's memory bank) then matches the one packaging rebuilds, bit for bit.
+            self.module = self.module.to(memory_format=torch.contiguous_format).eval()
             self.recipe.finish(self.module, self.run_dir, self.plain_train_set, self.spec, self.config)
             self.state["finished"] = True
             self._write_defense_json()
