@@ -148,13 +148,14 @@ class DUCAT(SingleStageRecipe):
                              "secret_pairing": True}},
         # The tail of the standard PGD-AT schedule, as the paper's DUCAT runs the last 25 of 130 epochs
         # after the lr decays: 6 more epochs (a fifth of the base's 30) at lr 0.005, a tenth of the base's
-        # peak lr (the paper fine-tunes at a hundredth, its final lr; 0.005 is the lr at which the initialisation
-        # below was chosen, and its middle phase's). A secret pairing: the zoo model is served. Dummy rows start
-        # level with their real rows (offset 0, here and in the paper preset): fine-tuning the 15-epoch cosine
-        # standard PGD-AT run of the earlier zoo for one epoch,
-        # validated every third of it (1,000 held-out images, PGD-10 on the recovered mode; base 75.5% at its
-        # best epoch), offset 0 kept 74.2 / 74.7 / 74.3%, while -5 fell to 65.2 / 61.6 / 61.6% and -20 to
-        # 60.3 / 58.7 / 56.2%: a dummy far below its real row cannot take the adversarial mass that Eq. 9
+        # peak lr. The paper fine-tunes at a hundredth, its final lr, but for 25 epochs: lr x steps is
+        # 25 x 391 x 0.001 = 9.8 there, 6 x 461 x 0.005 = 13.8 here, and would be 1.4 at this base's final
+        # lr, a seventh of the paper's. 0.005 is also the lr at which the initialisation below was chosen.
+        # A secret pairing: the zoo model is served. Dummy rows start level with their real rows (offset 0,
+        # here and in the paper preset): fine-tuning the earlier zoo's 15-epoch cosine PGD-AT run for one
+        # epoch, validated every third of it (1,000 held-out images, PGD-10 on the recovered mode; base 75.5%
+        # at its best epoch), offset 0 kept 74.2 / 74.7 / 74.3%, while -5 fell to 65.2 / 61.6 / 61.6% and -20
+        # to 60.3 / 58.7 / 56.2%: a dummy far below its real row cannot take the adversarial mass that Eq. 9
         # moves off the real class from the first step, so the recovered score drops first.
         "standard": {**STANDARD_TAIL, "base": "pgd_at",
                      "params": {"alpha": 0.5, "beta1": 0.75, "beta2": 1.0, "start_epoch": 0,
