@@ -24,10 +24,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
-    schedule: str = "multistep"  # multistep | step | cosine | constant
-    milestones: list[int] = field(default_factory=list)  # epochs at which lr *= gamma (multistep: the papers' form)
-    # Fractions of the run at which lr *= gamma (step): the shape stays when --epochs changes the length.
-    decay_at: list[float] = field(default_factory=list)
+    schedule: str = "multistep"  # multistep | cosine | constant
+    milestones: list[int] = field(default_factory=list)  # epochs at which lr *= gamma (multistep)
     gamma: float = 0.1
     # Training adversary (Linf PGD unless the recipe says otherwise).
     eps: float = 0.1

@@ -62,13 +62,11 @@ def learning_rate(config: TrainConfig, progress: float) -> float:
     """The learning rate at ``progress`` epochs into training (fractional within an epoch)."""
     if config.schedule == "multistep":
         return config.lr * config.gamma ** sum(progress >= m for m in config.milestones)
-    if config.schedule == "step":
-        return config.lr * config.gamma ** sum(progress >= f * config.epochs for f in config.decay_at)
     if config.schedule == "cosine":
         return 0.5 * config.lr * (1 + math.cos(math.pi * min(progress / config.epochs, 1.0)))
     if config.schedule == "constant":
         return config.lr
-    raise ConfigError(f"unknown schedule {config.schedule!r}; use multistep, step, cosine or constant")
+    raise ConfigError(f"unknown schedule {config.schedule!r}; use multistep, cosine or constant")
 
 
 @dataclass

@@ -16,24 +16,6 @@ def test_learning_rate_schedules() -> None:
     cosine = TrainConfig(recipe="pgd_at", epochs=10, lr=0.1, schedule="cosine")
     assert learning_rate(cosine, 0) == pytest.approx(0.1) and learning_rate(cosine, 10) == pytest.approx(0.0)
     assert learning_rate(cosine, 5) == pytest.approx(0.05)
-    # step: the decays sit at fractions of the run, so the shape survives --epochs.
-    for epochs in (30, 40):
-        fractions = TrainConfig(recipe="pgd_at", epochs=epochs, lr=0.05, schedule="step", decay_at=[0.5, 0.6])
-        half, three_fifths = epochs * 0.5, epochs * 0.6
-        assert [learning_rate(fractions, e) for e in (0, half - 0.01, half, three_fifths - 0.01, three_fifths, epochs)] \
-            == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005])
-
-
-def test_the_standard_preset_runs_its_last_third_at_the_final_lr():
-    """What lets the convergence rule read the last third: the lr no longer changes there, from the training of
-    the epoch the rule starts at (runs.validation_rise) to the end."""
-    from training.recipes import get_recipe
-
-    config = get_recipe("pgd_at").config("standard")
-    start = config.epochs - config.epochs // 3 - 1  # progress at which the rule's first epoch starts training
-    last_third = [start + k * (config.epochs - start) / 20 for k in range(21)]
-    assert len({learning_rate(config, e) for e in last_third}) == 1
-    assert learning_rate(config, last_third[0]) < learning_rate(config, 0) / 10
 
 
 def test_bf16_autocast_only_where_native(tmp_path):

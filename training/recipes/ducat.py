@@ -148,9 +148,9 @@ class DUCAT(SingleStageRecipe):
                              "secret_pairing": True}},
         # The tail of the standard PGD-AT schedule, as the paper's DUCAT runs the last 25 of 130 epochs
         # after the lr decays: 6 more epochs (a fifth of the base's 30) at lr 0.005, a tenth of the base's
-        # peak lr. The paper fine-tunes at a hundredth, its final lr, but for 25 epochs: lr x steps is
-        # 25 x 391 x 0.001 = 9.8 there, 6 x 461 x 0.005 = 13.8 here, and would be 1.4 at this base's final
-        # lr, a seventh of the paper's. 0.005 is also the lr at which the initialisation below was chosen.
+        # peak lr (its cosine lr at 80% of the schedule). The paper fine-tunes at a hundredth, its final lr,
+        # but for 25 epochs: lr x steps is 25 x 391 x 0.001 = 9.8 there and 6 x 461 x 0.005 = 13.8 here.
+        # 0.005 is also the lr at which the initialisation below was chosen.
         # A secret pairing: the zoo model is served. Dummy rows start level with their real rows (offset 0,
         # here and in the paper preset): fine-tuning the earlier zoo's 15-epoch cosine PGD-AT run for one
         # epoch, validated every third of it (1,000 held-out images, PGD-10 on the recovered mode; base 75.5%
