@@ -40,7 +40,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import load_dataset, plain_train_set
 from .devices import attack_autocast, default_device, step_autocast
-from .errors import ConfigError, cannot_write
+from .errors import ConfigError, TrainingDivergedError, cannot_write
 from .recipes import Recipe, StepContext, get_recipe
 from .runs import (
     BEST,
@@ -293,6 +293,14 @@ class Trainer:
             x, y = self._to_device(x), y.to(self.device)
             with self._autocast():
                 loss, logits = stage.loss(ctx, x, y)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                # One NaN step turns every weight into NaN, and later epochs would then train and validate a dead
+                # network without complaint: stop before the update, with the last finished epoch on disk.
+                raise TrainingDivergedError(
+                    f"{label}: the training loss became {loss_value} at epoch {epoch + 1}, step {step + 1} of "
+                    f"{len(loader)}; {self.run_dir} keeps its last finished epoch. Fix: train it again with --force "
+                    "and a lower --lr, or --set amp=false (bf16 autocast) on a GPU (a resume would replay the same steps)")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -301,7 +309,7 @@ class Trainer:
                 scored = False
             else:
                 correct += (logits.argmax(1) == y).sum().item()
-            loss_sum += loss.item() * y.shape[0]
+            loss_sum += loss_value * y.shape[0]
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
         bar.close()
         return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1) if scored else None}

@@ -17,6 +17,10 @@ class CheckpointError(RobustServeError):
     """A checkpoint or run folder cannot be used; the message names the fix."""
 
 
+class TrainingDivergedError(RobustServeError):
+    """The training loss became NaN or infinite; the run keeps its last finished epoch."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (RobustServeError,)
 
 

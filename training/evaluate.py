@@ -64,6 +64,7 @@ from .runs import (
     base_run_dir,
     load_run,
     load_test_subset,
+    restore_artifacts,
     train_seconds,
 )
 from .stats import format_difference, format_proportion, paired_difference, proportion
@@ -417,7 +418,9 @@ def evaluate_run(
     started = time.perf_counter()
     device = str(default_device(device))
     run_dir = Path(run_dir)
-    run = load_run(run_dir, which="best", device=device)
+    # A copied run (a zoo entry, a run from another machine) lacks THAT's memory bank: rebuilt, so that no serving
+    # mode drops out of the report unnoticed.
+    run = restore_artifacts(run_dir, data_root, device=device)
     info = run.info
     threat = info.get("threat_model", {})
     eps = float(threat["eps"] if eps is None else eps)

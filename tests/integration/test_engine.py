@@ -3,6 +3,7 @@ autocast: tests/unit/test_engine_settings.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from torch import nn
 from training.checkpoint import CheckpointError, load_tensors
 from training.config import TrainConfig
 from training.engine import Trainer, train
+from training.errors import TrainingDivergedError
 from training.recipes import get_recipe
 from training.runs import BEST, DEFENSE_JSON, LAST, load_run
 
@@ -97,6 +99,29 @@ def test_killed_run_resumes_to_identical_weights(learnable_fashion_mnist, tmp_pa
         assert torch.equal(expected[key], got[key]), f"{key} differs after resume"
     best_expected, best_got = load_tensors(reference / BEST)[0], load_tensors(killed / BEST)[0]
     assert all(torch.equal(best_expected[k], best_got[k]) for k in best_expected)
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_finished_epoch(learnable_fashion_mnist, tmp_path) -> None:
+    """A TRADES run on the H200 (bf16 autocast) went NaN at epoch 13 of 30 and trained 17 more epochs of a dead
+    network with exit status 0; the engine now stops at the first non-finite loss, before the update."""
+    run_dir = train(tiny_config(epochs=1), tmp_path / "run", progress=False)
+    finished_epoch = weights(run_dir)
+    trainer = Trainer(tiny_config(epochs=2), run_dir, resume=True, progress=False)
+    stage = trainer.stages[0]
+    steps = []
+
+    def nan_on_the_third_step(ctx, x, y):
+        loss, logits = stage.loss(ctx, x, y)
+        steps.append(len(steps))
+        return (loss * float("nan") if len(steps) == 3 else loss), logits
+
+    trainer.stages[0] = dataclasses.replace(stage, loss=nan_on_the_third_step)
+    with pytest.raises(TrainingDivergedError, match=r"pgd_at: the training loss became nan at epoch 2, step 3 of \d+;"):
+        trainer.fit()
+    assert epochs_done(run_dir) == 1 and len(steps) == 3
+    after = weights(run_dir)
+    assert all(torch.equal(finished_epoch[k], after[k]) for k in finished_epoch), "the finished epoch is kept"
+    assert all(torch.isfinite(p).all() for p in trainer.module.parameters()), "no update was taken from the NaN"
 
 
 def test_ddp_gloo_two_ranks_end_with_identical_weights(learnable_fashion_mnist, tmp_path) -> None:

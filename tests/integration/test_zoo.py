@@ -60,6 +60,20 @@ def test_only_finished_evaluated_runs_go_into_the_zoo(served_runs, tmp_path):
     assert not (tmp_path / "zoo" / "run").exists()
 
 
+@pytest.mark.usefixtures("served_data")
+def test_evaluating_a_run_copied_without_its_memory_bank_rebuilds_it_and_keeps_the_knn_mode(served_runs, tmp_path):
+    """A THAT run copied without its bank (a zoo entry, a run trained on another machine) once lost its kNN mode
+    from the report without a word."""
+    from training.evaluate import evaluate_run
+
+    copied = tmp_path / "that"
+    shutil.copytree(served_runs["that"], copied, ignore=shutil.ignore_patterns(MEMORY_BANK, "eval_rows"))
+    report = evaluate_run(copied, n=10, autoattack_n=0, pgd_steps=1, pgd_restarts=1, objectives=["ce"], sweep=[],
+                          device="cpu")
+    assert {row["mode"] for row in report["results"]} == {"classifier", "knn"}
+    assert sha256_file(copied / MEMORY_BANK) == sha256_file(served_runs["that"] / MEMORY_BANK)
+
+
 @pytest.mark.parametrize("entry", sorted(entries(COMMITTED).values()) if COMMITTED.is_dir() else [],
                          ids=lambda path: path.name)
 def test_each_committed_zoo_model_has_its_recorded_clean_accuracy(entry):
