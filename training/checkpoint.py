@@ -3,6 +3,7 @@ and what each file is called, is ``training.runs``."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -120,8 +121,10 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+@functools.cache
 def code_version() -> str:
-    """The package version, plus the git commit when running from a checkout."""
+    """The package version, plus the git commit when running from a checkout: read once per process, so that a
+    commit made while a long run trains is not recorded as the code it ran (the trainer reads it when it starts)."""
     try:
         version = metadata.version("robustserve")
     except metadata.PackageNotFoundError:

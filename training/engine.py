@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .attacks.attacks import PGD, accuracy
 from .checkpoint import (
     CheckpointError,
+    code_version,
     load_optimizer_tensors,
     load_state,
     load_tensors,
@@ -122,6 +123,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: Path | None = None, *, resume: bool = False,
                  force: bool = False, progress: bool = True, runs_root: Path = RUNS_ROOT) -> None:
+        code_version()  # the commit this process runs, read (and cached) before any later commit can change it
         self.recipe: Recipe = get_recipe(config.recipe)
         self.dist = Distributed.from_env()
         self.config = config

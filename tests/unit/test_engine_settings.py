@@ -56,3 +56,17 @@ def test_a_run_is_converged_when_its_last_third_rose_less_than_a_point():
     tail_of_rising = validation_rise({"stages": [rising_stage, fine_tune]})
     assert not tail_of_rising["flat"] and tail_of_rising["rising_stages"] == ["pgd_at"]
     assert tail_of_rising["from_epoch"] == 2 and tail_of_rising["to_epoch"] == 3  # the figures are the last stage's
+
+
+def test_the_code_version_is_read_once_per_process(monkeypatch):
+    """A trades run on two cores takes most of an hour; a commit made meanwhile once went into its defense.json as
+    the code it ran. The first reading is kept."""
+    from training import checkpoint
+
+    first = checkpoint.code_version()
+
+    def no_git(*args, **kwargs):
+        raise AssertionError("git was asked again")
+
+    monkeypatch.setattr(checkpoint.subprocess, "run", no_git)
+    assert checkpoint.code_version() == first
