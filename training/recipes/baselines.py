@@ -49,6 +49,12 @@ STANDARD: dict[str, Any] = {
 QUICK_TAIL: dict[str, Any] = {**QUICK, "epochs": 1, "train_subset": 6000, "lr": 0.01, "schedule": "constant"}
 STANDARD_TAIL: dict[str, Any] = {**STANDARD, "epochs": STANDARD["epochs"] // 5, "lr": 0.005, "schedule": "constant"}
 
+# TRADES at the standard preset, and what trains on its schedule (DH-AT's second head, trades_ft): lr 0.01, the
+# reference implementation's for SmallCNN on MNIST (yaodongyu/TRADES, train_trades_mnist.py). At the shared 0.05
+# the 30-epoch run collapsed twice, to NaN at epoch 13 on an H200 and to a constant output (loss ln 10, validation
+# at chance) at epoch 8 on the CPU (docs/standard-zoo-h200/).
+TRADES_STANDARD: dict[str, Any] = {**STANDARD, "lr": 0.01, "params": {"beta": 6.0}}
+
 
 @register_recipe
 class Natural(SingleStageRecipe):
@@ -111,7 +117,7 @@ class TRADES(SingleStageRecipe):
         "paper": {**CIFAR_EPS, "arch": "wrn34_10", "epochs": 76, "lr": 0.1, "weight_decay": 2e-4, "milestones": [75],
                   "eps": 0.031, "step_size": 0.007, "params": {"beta": 6.0}},
         "quick": {**QUICK, "params": {"beta": 6.0}},
-        "standard": {**STANDARD, "params": {"beta": 6.0}},
+        "standard": TRADES_STANDARD,
     }
 
     def loss(self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ from ..data import DatasetSpec
 from ..errors import ConfigError
 from ..models.dual_head import DualHeadNet, HeadView
 from .base import Claim, Loss, Recipe, ServingMode, Stage, StepContext, get_method, register_recipe
-from .baselines import CIFAR_EPS, QUICK, STANDARD, TRADES
+from .baselines import CIFAR_EPS, QUICK, STANDARD, TRADES, TRADES_STANDARD
 
 if TYPE_CHECKING:
     from ..runs import LoadedRun
@@ -112,9 +112,9 @@ class DHAT(Recipe):
                   "stages": {"second": {"params": {"beta": 3.0}},
                              "aggregator": {"lr": 0.04, "params": {"beta": 2.0}}}},
         # On the standard trades run, in the paper's proportions: the second head trains as long as
-        # the main network did (30 epochs, its schedule), the aggregator a fifth of that (6 epochs;
+        # the main network did (30 epochs, its schedule and lr), the aggregator a fifth of that (6 epochs;
         # the paper's 15 of 76) at the paper's constant lr 0.02.
-        "standard": {**STANDARD, "base": "trades",
+        "standard": {**TRADES_STANDARD, "base": "trades",
                      "params": {"second_arch": None},
                      "stages": {"second": {"params": {"beta": 3.0}},
                                 "aggregator": {"epochs": STANDARD["epochs"] // 5, "lr": 0.02, "schedule": "constant",
@@ -186,6 +186,5 @@ class TRADESContinued(TRADES):
         # The quick DH-AT stages run on a 4,000-image part of the base's subset: so does this.
         "quick": {**QUICK, "base": "trades", "train_subset": 4000, "epochs": added_epochs(DHAT.presets["quick"]),
                   "params": {"beta": 6.0}},
-        "standard": {**STANDARD, "base": "trades", "epochs": added_epochs(DHAT.presets["standard"]),
-                     "params": {"beta": 6.0}},
+        "standard": {**TRADES_STANDARD, "base": "trades", "epochs": added_epochs(DHAT.presets["standard"])},
     }
