@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .attacks.attacks import PGD, accuracy
+from .attacks.core import attack_mode
 from .checkpoint import (
     CheckpointError,
     code_version,
@@ -57,6 +58,10 @@ from .runs import (
     run_finished,
     stage_best_file,
 )
+
+# A stage is checked for a collapse to one output once its validation clean accuracy has reached COLLAPSE_LEARNT x
+# chance (30% for 10 classes): before that, a network that still predicts one class has not learnt yet.
+COLLAPSE_LEARNT = 3.0
 
 
 def learning_rate(config: TrainConfig, progress: float) -> float:
@@ -316,11 +321,15 @@ class Trainer:
         bar.close()
         return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1) if scored else None}
 
+    def validation_mode(self, index: int) -> nn.Module:
+        """The serving mode stage ``index`` is validated and selected on."""
+        modes = self.recipe.modes(self.module)
+        return modes[self.stages[index].validate_mode or next(iter(modes))].module
+
     def validate(self, index: int) -> dict[str, float]:
         """Clean and PGD accuracy of the stage's serving mode on the held-out training images."""
         cfg = self.config
-        modes = self.recipe.modes(self.module)
-        mode = modes[self.stages[index].validate_mode or next(iter(modes))].module
+        mode = self.validation_mode(index)
         torch.manual_seed(cfg.seed)  # the same PGD starts every epoch, so epochs compare fairly
         with attack_autocast(self.device, cfg.amp):
             x_adv = PGD(mode, eps=cfg.eps, steps=cfg.val_attack_steps)(self.val_x, self.val_y)
@@ -376,6 +385,7 @@ class Trainer:
             metrics = self.train_epoch(model, index, epoch)
             metrics.update(self.validate(index))
             metrics["seconds"] = time.perf_counter() - started
+            self._check_not_collapsed(index, epoch, record["history"])
             # select_by "last": the paper serves its final weights (AFT-DRA ends on clean-only epochs).
             improved = cfg.select_by == "last" or self._score(cfg, metrics) > record["best_score"]
             if improved:
@@ -390,6 +400,24 @@ class Trainer:
                       f"({metrics['seconds']:.1f}s){'  *best' if improved else ''}")
         if self.dist.world_size > 1:
             self._check_ranks_agree()
+
+    def _check_not_collapsed(self, index: int, epoch: int, history: list[dict]) -> None:
+        """Stop a stage whose network collapsed to one output after it had learnt (every validation image gets the
+        same class; its ReLUs are dead and no later epoch brings it back). TRADES at lr 0.05 did at epoch 8 of 30 and
+        trained 22 dead epochs. The epoch is not saved, so the run keeps the one before."""
+        learnt = max((e["val_clean_acc"] for e in history), default=0.0)
+        if learnt < COLLAPSE_LEARNT / self.spec.num_classes:
+            return
+        mode = self.validation_mode(index)
+        with torch.no_grad(), attack_mode(mode, "eval"), self._autocast():
+            predicted = torch.cat([mode(x).argmax(1) for x in self.val_x.split(512)]).unique()
+        if predicted.numel() == 1:
+            stage = self.stages[index].name
+            label = f"{self.config.recipe}/{stage}" if len(self.stages) > 1 else self.config.recipe
+            raise TrainingDivergedError(
+                f"{label}: at epoch {epoch + 1} every validation image got class {predicted.item()}, after a validation "
+                f"clean accuracy of {learnt:.1%}: the network has collapsed to one output; {self.run_dir} keeps "
+                f"epoch {epoch}. Fix: train it again with --force and a lower --lr")
 
     def _finish(self) -> None:
         """Load the served (best) weights, let the recipe write its artifacts, and mark the run finished."""

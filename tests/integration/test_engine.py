@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import constant_logits_model
 from torch import nn
 
 from training.checkpoint import CheckpointError, load_tensors
@@ -122,6 +123,21 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_finished_epoch(learnable_f
     after = weights(run_dir)
     assert all(torch.equal(finished_epoch[k], after[k]) for k in finished_epoch), "the finished epoch is kept"
     assert all(torch.isfinite(p).all() for p in trainer.module.parameters()), "no update was taken from the NaN"
+
+
+def test_a_collapse_to_chance_stops_training_and_keeps_the_epoch_before(learnable_fashion_mnist, tmp_path) -> None:
+    """TRADES at lr 0.05 collapsed to one output at epoch 8 on the CPU (loss ln 10, validation at chance) and trained
+    22 more dead epochs; a stage that comes to predict one class for every image after it had learnt now stops."""
+    run_dir = train(tiny_config(epochs=2), tmp_path / "run", progress=False)
+    history = json.loads((run_dir / DEFENSE_JSON).read_text())["stages"][0]["history"]
+    assert max(epoch["val_clean_acc"] for epoch in history) >= 0.3, "the run must have learnt for the check to apply"
+    finished_epoch = weights(run_dir)
+    trainer = Trainer(tiny_config(epochs=3), run_dir, resume=True, progress=False)
+    trainer.validation_mode = lambda index: constant_logits_model()  # what a collapsed network predicts: one class
+    with pytest.raises(TrainingDivergedError, match="at epoch 3 every validation image got class 0, .*collapsed"):
+        trainer.fit()
+    assert epochs_done(run_dir) == 2
+    assert all(torch.equal(finished_epoch[k], v) for k, v in weights(run_dir).items()), "the collapsed epoch is not saved"
 
 
 def test_ddp_gloo_two_ranks_end_with_identical_weights(learnable_fashion_mnist, tmp_path) -> None:
