@@ -1,6 +1,8 @@
 """The ``robustserve`` command line: one registry of subcommands, one place that turns errors into one line.
 
-Heavy imports (torch, the training stack) happen inside the commands, so ``--help`` is instant.
+Most heavy imports happen inside the commands; building the parser imports the modules whose defaults the
+``package``, ``serve`` and ``bench`` options show (``serving.package`` brings torch and ``cryptography`` with it), so
+``--help`` takes as long as importing torch.
 """
 
 from __future__ import annotations
