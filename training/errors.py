@@ -18,7 +18,8 @@ class CheckpointError(RobustServeError):
 
 
 class TrainingDivergedError(RobustServeError):
-    """The training loss became NaN or infinite; the run keeps its last finished epoch."""
+    """Training diverged (a NaN or infinite loss, or a network collapsed to one output); the run keeps its last good
+    epoch."""
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (RobustServeError,)
