@@ -25,8 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .attacks.attacks import PGD, accuracy
-from .attacks.core import attack_mode
+from .attacks.attacks import PGD, accuracy, predicted_classes
 from .checkpoint import (
     CheckpointError,
     code_version,
@@ -290,7 +289,7 @@ class Trainer:
         seen = correct = 0
         scored = True  # False once the stage's loss gives no class scores (a self-supervised stage)
         loss_sum = 0.0
-        label = f"{self.config.recipe}/{stage.name}" if len(self.stages) > 1 else self.config.recipe
+        label = self._stage_label(index)
         bar = tqdm(loader, desc=f"{label} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not self.progress, leave=False, file=sys.stderr, dynamic_ncols=True,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
@@ -326,16 +325,18 @@ class Trainer:
         modes = self.recipe.modes(self.module)
         return modes[self.stages[index].validate_mode or next(iter(modes))].module
 
-    def validate(self, index: int) -> dict[str, float]:
-        """Clean and PGD accuracy of the stage's serving mode on the held-out training images."""
+    def validate(self, index: int) -> tuple[dict[str, float], torch.Tensor]:
+        """Clean and PGD accuracy of the stage's serving mode on the held-out training images, and the classes it
+        predicts for the clean ones (the collapse check reads them)."""
         cfg = self.config
         mode = self.validation_mode(index)
         torch.manual_seed(cfg.seed)  # the same PGD starts every epoch, so epochs compare fairly
         with attack_autocast(self.device, cfg.amp):
             x_adv = PGD(mode, eps=cfg.eps, steps=cfg.val_attack_steps)(self.val_x, self.val_y)
         with self._autocast():
-            return {"val_clean_acc": accuracy(mode, self.val_x, self.val_y),
-                    "val_robust_acc": accuracy(mode, x_adv, self.val_y)}
+            clean = predicted_classes(mode, self.val_x)
+            return ({"val_clean_acc": (clean == self.val_y.cpu()).float().mean().item(),
+                     "val_robust_acc": accuracy(mode, x_adv, self.val_y)}, clean)
 
     @staticmethod
     def _score(config: TrainConfig, metrics: dict[str, float]) -> float:
@@ -383,9 +384,10 @@ class Trainer:
         for epoch in range(record["epochs_done"], cfg.epochs):
             started = time.perf_counter()
             metrics = self.train_epoch(model, index, epoch)
-            metrics.update(self.validate(index))
+            validation, clean_predicted = self.validate(index)
+            metrics.update(validation)
             metrics["seconds"] = time.perf_counter() - started
-            self._check_not_collapsed(index, epoch, record["history"])
+            self._check_not_collapsed(index, epoch, clean_predicted, record["history"])
             # select_by "last": the paper serves its final weights (AFT-DRA ends on clean-only epochs).
             improved = cfg.select_by == "last" or self._score(cfg, metrics) > record["best_score"]
             if improved:
@@ -401,23 +403,21 @@ class Trainer:
         if self.dist.world_size > 1:
             self._check_ranks_agree()
 
-    def _check_not_collapsed(self, index: int, epoch: int, history: list[dict]) -> None:
+    def _check_not_collapsed(self, index: int, epoch: int, clean_predicted: torch.Tensor, history: list[dict]) -> None:
         """Stop a stage whose network collapsed to one output after it had learnt (every validation image gets the
         same class; its ReLUs are dead and no later epoch brings it back). TRADES at lr 0.05 did at epoch 8 of 30 and
         trained 22 dead epochs. The epoch is not saved, so the run keeps the one before."""
         learnt = max((e["val_clean_acc"] for e in history), default=0.0)
-        if learnt < COLLAPSE_LEARNT / self.spec.num_classes:
-            return
-        mode = self.validation_mode(index)
-        with torch.no_grad(), attack_mode(mode, "eval"), self._autocast():
-            predicted = torch.cat([mode(x).argmax(1) for x in self.val_x.split(512)]).unique()
-        if predicted.numel() == 1:
-            stage = self.stages[index].name
-            label = f"{self.config.recipe}/{stage}" if len(self.stages) > 1 else self.config.recipe
+        predicted = clean_predicted.unique()
+        if learnt >= COLLAPSE_LEARNT / self.spec.num_classes and predicted.numel() == 1:
             raise TrainingDivergedError(
-                f"{label}: at epoch {epoch + 1} every validation image got class {predicted.item()}, after a validation "
-                f"clean accuracy of {learnt:.1%}: the network has collapsed to one output; {self.run_dir} keeps "
-                f"epoch {epoch}. Fix: train it again with --force and a lower --lr")
+                f"{self._stage_label(index)}: at epoch {epoch + 1} every validation image got class {predicted.item()}, "
+                f"after a validation clean accuracy of {learnt:.1%}: the network has collapsed to one output; "
+                f"{self.run_dir} keeps epoch {epoch}. Fix: train it again with --force and a lower --lr")
+
+    def _stage_label(self, index: int) -> str:
+        """How messages name a stage: the recipe, with the stage's name when there are several."""
+        return f"{self.config.recipe}/{self.stages[index].name}" if len(self.stages) > 1 else self.config.recipe
 
     def _finish(self) -> None:
         """Load the served (best) weights, let the recipe write its artifacts, and mark the run finished."""

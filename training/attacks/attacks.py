@@ -256,15 +256,19 @@ class Square(_PyAutoAttack):
 
 
 @torch.no_grad()
-def correct_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Per-image top-1 correctness (bool, on the CPU) of ``model`` in eval mode (restored afterwards)."""
+def predicted_classes(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Per-image top-1 class (int64, on the CPU) of ``model`` in eval mode (restored afterwards)."""
     device = next(model.parameters()).device
-    flags = []
+    classes = []
     with attack_mode(model, "eval"):
         for start in range(0, x.shape[0], batch_size):
-            logits = model(x[start:start + batch_size].to(device))
-            flags.append(logits.argmax(1).cpu() == y[start:start + batch_size].cpu())
-    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+            classes.append(model(x[start:start + batch_size].to(device)).argmax(1).cpu())
+    return torch.cat(classes) if classes else torch.zeros(0, dtype=torch.int64)
+
+
+def correct_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Per-image top-1 correctness (bool, on the CPU) of ``model`` in eval mode (restored afterwards)."""
+    return predicted_classes(model, x, batch_size) == y.cpu()
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
