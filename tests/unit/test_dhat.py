@@ -306,6 +306,14 @@ def test_quick_preset_and_bad_bases() -> None:
         RECIPE.config("quick", base=None)
 
 
+@pytest.mark.parametrize("preset", ["paper", "standard"])
+def test_the_second_head_served_is_its_last_epoch_and_the_aggregator_its_best(preset: str) -> None:
+    # The paper trains the second head "for another 76 epochs"; best-by-validation-PGD picked the standard run's
+    # epoch 1 of 30 (a copy of the main head). The aggregator is still chosen by its validation PGD accuracy.
+    config = RECIPE.config(preset)
+    assert (config.for_stage("second").select_by, config.for_stage("aggregator").select_by) == ("last", "robust")
+
+
 @pytest.mark.parametrize("preset", ["quick", "standard"])
 def test_the_matched_budget_control_trains_trades_on_for_the_epochs_dhats_stages_add(preset) -> None:
     dhat, control = get_recipe("dhat").config(preset), get_recipe("trades_ft").config(preset)
