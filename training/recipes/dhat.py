@@ -10,7 +10,7 @@ The order of Section III-C:
    head are frozen; only the second head learns. Its last epoch is kept (``select_by = "last"``):
    the paper trains it "for another 76 epochs", and picking its best validation PGD epoch picked
    epoch 1 of 30 in our standard run (a 1/lambda 3 head gains clean accuracy rather than PGD
-   accuracy, and 500 validation images cannot rank a +-1 point change), i.e. a copy of the main head,
+   accuracy, and 1,000 validation images cannot rank a +-1 point change), i.e. a copy of the main head,
 2. ``aggregator``: both heads and the trunk frozen, the lightweight CNN that merges their logits
    learns with the TRADES loss at 1/lambda = 2 (Eq. 1), lr 0.02.
 
