@@ -13,7 +13,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from training.config import TrainConfig
 from training.errors import ConfigError
+
+# Settings that say where and how a run was read, not what it learnt.
+WHERE_IT_RAN = frozenset({"device", "workers", "data_root", "download"})
 
 
 def train_and_evaluate(recipe_ids: Sequence[str], preset: str, runs_root: Path,
@@ -24,7 +28,7 @@ def train_and_evaluate(recipe_ids: Sequence[str], preset: str, runs_root: Path,
     from training.engine import train
     from training.evaluate import evaluate_run
     from training.recipes import get_recipe
-    from training.runs import run_dir_for, run_finished
+    from training.runs import read_defense_json, run_dir_for, run_finished
 
     run_dirs, reports = [], []
     for recipe_id in recipe_ids:
@@ -32,7 +36,13 @@ def train_and_evaluate(recipe_ids: Sequence[str], preset: str, runs_root: Path,
         run_dir = run_dir_for(config, runs_root)
         finished = run_finished(run_dir)
         print(f"== {recipe_id}: {'reusing ' + str(run_dir) if finished else 'training into ' + str(run_dir)}", flush=True)
-        if not finished:
+        if finished:
+            # A finished run is kept whatever it cost; but say when the preset has changed since it was trained.
+            changed = config.changed_settings(TrainConfig(**read_defense_json(run_dir)["config"]), ignore=WHERE_IT_RAN)
+            if changed:
+                print(f"   note: it was trained with other {', '.join(changed)} than the {preset} preset now gives; "
+                      f"move {run_dir} away and run again to train it anew", flush=True)
+        else:
             train(config, run_dir, resume=True, runs_root=runs_root)
         reports.append(evaluate_run(run_dir, **suite, progress=True))
         run_dirs.append(run_dir)

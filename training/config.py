@@ -72,6 +72,18 @@ class TrainConfig:
                                 for name, settings in {**self.stages, **overrides["stages"]}.items()}
         return dataclasses.replace(self, **merged)
 
+    def changed_settings(self, recorded: TrainConfig, ignore: frozenset[str] = frozenset()) -> list[str]:
+        """The settings (``params.beta``, ``stages.second.select_by``) that these give otherwise than ``recorded``,
+        a run's saved ones; ``ignore``: top-level names. Names only, never values (a DUCAT run records the seed of
+        its secret pairing). A key only ``recorded`` has is what training filled in (that seed), not a change."""
+        def changed(now: Any, then: Any, name: str) -> list[str]:
+            if isinstance(now, dict) and isinstance(then, dict):
+                return [c for k in sorted(now) for c in changed(now[k], then.get(k), f"{name}.{k}")]
+            return [] if now == then else [name]
+
+        return [c for k in sorted(self.field_names() - ignore)
+                for c in changed(getattr(self, k), getattr(recorded, k), k)]
+
     def for_stage(self, name: str) -> TrainConfig:
         """The settings of stage ``name``: these with its ``stages[name]`` overrides applied."""
         return self.updated(self.stages.get(name, {}))

@@ -245,10 +245,9 @@ class Trainer:
             raise CheckpointError(f"{self.run_dir / LAST} carries no training state of this version; start over with --force")
         saved = TrainConfig(**state["config"])
         # Everything but the length of training and where it runs must match to continue exactly.
-        free = {"epochs", "device", "workers"}
-        diffs = [k for k in TrainConfig.field_names() - free if getattr(saved, k) != getattr(self.config, k)]
+        diffs = self.config.changed_settings(saved, ignore=frozenset({"epochs", "device", "workers"}))
         if diffs:
-            raise CheckpointError(f"cannot resume {self.run_dir}: it was trained with different {', '.join(sorted(diffs))}; "
+            raise CheckpointError(f"cannot resume {self.run_dir}: it was trained with different {', '.join(diffs)}; "
                                   f"use the same settings, or --force to start over")
         try:
             self.module.load_state_dict(model_tensors(tensors, "model/"))

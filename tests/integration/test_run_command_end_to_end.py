@@ -8,11 +8,13 @@ from __future__ import annotations
 import pytest
 
 from serving.cli import main
+from training.recipes import RECIPES
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
-def test_run_trains_evaluates_writes_the_table_and_reuses_finished_runs(learnable_fashion_mnist, tmp_path, capsys):
+def test_run_trains_evaluates_writes_the_table_and_reuses_finished_runs(learnable_fashion_mnist, tmp_path, capsys,
+                                                                       monkeypatch):
     results = tmp_path / "RESULTS.md"
     args = ["run", "--recipes", "natural,pgd_at", "--runs", str(tmp_path / "runs"), "--n", "20",
             "--autoattack-n", "4", "--results", str(results), "--no-serve"]
@@ -32,3 +34,12 @@ def test_run_trains_evaluates_writes_the_table_and_reuses_finished_runs(learnabl
     assert "== natural: reusing" in second and "== pgd_at: reusing" in second
     assert "training into" not in second and "   default: " not in second  # no row was computed again
     assert results.read_text() == table
+
+    # The preset changed after pgd_at was trained: the finished run is still reused, and a note names the change.
+    pgd_at = RECIPES["pgd_at"]
+    monkeypatch.setitem(pgd_at.presets, "quick", {**pgd_at.presets["quick"], "select_by": "last"})
+    assert main(args) == 0
+    third = capsys.readouterr().out
+    assert "training into" not in third and "   default: " not in third
+    assert third.count("note: it was trained with other") == 1
+    assert "== pgd_at: reusing" in third and "note: it was trained with other select_by than the quick preset" in third

@@ -70,3 +70,17 @@ def test_the_code_version_is_read_once_per_process(monkeypatch):
 
     monkeypatch.setattr(checkpoint.subprocess, "run", no_git)
     assert checkpoint.code_version() == first
+
+
+def test_changed_settings_names_what_differs_from_a_recorded_run_and_no_values():
+    recorded = TrainConfig(recipe="ducat", epochs=30, device="cuda",
+                           params={"beta": 6.0, "pairing_seed": 123456789}, stages={"second": {"lr": 0.01}})
+    same = TrainConfig(recipe="ducat", epochs=30, device="cpu", params={"beta": 6.0}, stages={"second": {"lr": 0.01}})
+    # A key only the record has was filled in by training (DUCAT's pairing seed); where it ran may be ignored.
+    assert same.changed_settings(recorded, ignore=frozenset({"device"})) == []
+    assert same.changed_settings(recorded) == ["device"]
+    other = TrainConfig(recipe="ducat", epochs=20, params={"beta": 3.0},
+                        stages={"second": {"lr": 0.01, "select_by": "last"}, "aggregator": {"epochs": 6}})
+    changed = other.changed_settings(recorded, ignore=frozenset({"device"}))
+    assert changed == ["epochs", "params.beta", "stages.aggregator", "stages.second.select_by"]
+    assert "123456789" not in repr(changed) and "3.0" not in repr(changed)
