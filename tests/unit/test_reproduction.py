@@ -6,7 +6,16 @@ import torch
 
 from training.evaluate import encode_flags
 from training.recipes import Claim
-from training.reproduction import FAILS, HOLDS, MISSING, UNDECIDED, format_reproduction_table, measure_claim
+from training.reproduction import (
+    ALL_IMAGES_WORST_CASE,
+    FAILS,
+    HOLDS,
+    MISSING,
+    UNDECIDED,
+    format_reproduction_table,
+    measure_claim,
+    measure_claims,
+)
 from training.stats import proportion
 
 
@@ -15,8 +24,13 @@ def _figure(flags: list[bool]) -> dict:
 
 
 def _report(defense: str, mode: str, clean: list[bool], worst: list[bool]) -> dict:
-    return {"run": {"defense": defense}, "modes": {mode: {}},
-            "results": [{"mode": mode, "attack": "clean", **_figure(clean)}], "worst_case": {mode: _figure(worst)}}
+    return {"run": {"defense": defense}, "modes": {mode: {}}, "settings": {"eps": 0.1},
+            "results": [{"mode": mode, "attack": "clean", "kind": "clean", "eps": 0.0, **_figure(clean)}],
+            "worst_case": {mode: _figure(worst)}}
+
+
+def _attack_row(mode: str, attack: str, flags: list[bool], eps: float = 0.1) -> dict:
+    return {"mode": mode, "attack": attack, "label": attack, "kind": "white-box", "eps": eps, **_figure(flags)}
 
 
 N = 400
@@ -58,3 +72,22 @@ def test_the_runs_claims_compare_with_are_named_for_the_pipeline():
     assert compared_recipes(["ducat"]) == ["pgd_at", "pgd_at_ft"]
     assert compared_recipes(["dhat"]) == ["trades_ft"]  # its main network is its own `main` mode; its control is not
     assert compared_recipes(["natural"]) == []
+
+
+def test_a_worst_case_claim_is_measured_again_over_the_attacks_on_every_image():
+    # The strongest attack ran on the first 100 images only: the worst case there cannot tell the runs apart, but the
+    # per-image worst case over the two attacks that ran on all 400 images can. A sweep row at another eps is left out.
+    base = _report("pgd_at", "default", SAME, SAME[:100])
+    ours = _report("act", "default", SAME, [False] + SAME[1:100])  # one image fewer: ACT's "no worse" is undecided
+    base["results"] += [_attack_row("default", "pgd-ce", FEWER), _attack_row("default", "pgd-dlr", SAME),
+                        _attack_row("default", "apgd", FEWER[:100]), _attack_row("default", "pgd-ce", [False] * N, 0.3)]
+    ours["results"] += [_attack_row("default", "pgd-ce", SAME), _attack_row("default", "pgd-dlr", MORE)]
+    measured = {(m.claim.text, m.claim.metric): m for m in measure_claims([base, ours])
+                if m.claim.against == "pgd_at" and m.claim.metric != "clean"}
+    strongest, every_image = [m for (_, metric), m in measured.items() if metric == "worst_case"], \
+        [m for (_, metric), m in measured.items() if metric == ALL_IMAGES_WORST_CASE]
+    assert len(strongest) == len(every_image) == 1  # ACT's one worst-case claim against PGD-AT, and its second row
+    assert strongest[0].difference.n == 100 and strongest[0].verdict == UNDECIDED
+    assert every_image[0].theirs["k"] == sum(FEWER) and every_image[0].ours["k"] == sum(SAME)  # per image: min over rows
+    assert every_image[0].difference.n == N and every_image[0].verdict == HOLDS
+    assert f"... the same ({ALL_IMAGES_WORST_CASE})" in format_reproduction_table([base, ours])
