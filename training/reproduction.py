@@ -99,15 +99,15 @@ def measure_claim(claim: Claim, defense: str, reports: Mapping[str, dict[str, An
 def measure_claims(reports: Sequence[dict[str, Any]]) -> list[Measured]:
     """Every registered recipe's claims whose run is among ``reports``."""
     by_defense = {report["run"]["defense"]: report for report in reports}
-    return [measure_claim(measured, recipe.id, by_defense) for recipe in RECIPES.values() if recipe.id in by_defense
-            for claim in recipe.claims for measured in _with_all_images_worst_case(claim)]
+    return [measure_claim(variant, recipe.id, by_defense) for recipe in RECIPES.values() if recipe.id in by_defense
+            for claim in recipe.claims for variant in _with_all_images_worst_case(claim)]
 
 
 def _with_all_images_worst_case(claim: Claim) -> list[Claim]:
+    """``claim``, and after a worst-case one the same claim over the attacks run on every image."""
     if claim.metric != "worst_case" or claim.against_metric is not None:
         return [claim]
-    return [claim, dataclasses.replace(claim, text="... the same",
-                                       metric=ALL_IMAGES_WORST_CASE)]
+    return [claim, dataclasses.replace(claim, text="... the same", metric=ALL_IMAGES_WORST_CASE)]
 
 
 def compared_recipes(recipe_ids: Sequence[str]) -> list[str]:
