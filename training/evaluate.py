@@ -52,6 +52,7 @@ from .attacks.attacks import PGD, AutoAttackStandard, correct_flags, summarize_c
 from .attacks.core import OBJECTIVES, attack_mode
 from .checkpoint import atomic_write, weights_digest, write_json
 from .devices import default_device
+from .environment import device_name
 from .errors import ConfigError
 from .recipes import ServingMode, get_recipe
 from .run_files import sha256_file
@@ -282,8 +283,10 @@ def _row_key(fingerprint: str, mode: str, planned: PlannedAttack) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def run_row(run_dir: Path, fingerprint: str, mode: str, planned: PlannedAttack, *, progress: bool) -> dict[str, Any]:
-    """The row of ``planned``: from ``eval_rows/`` when it finished before, else computed and stored."""
+def run_row(run_dir: Path, fingerprint: str, mode: str, planned: PlannedAttack, *, measured_on: str,
+            progress: bool) -> dict[str, Any]:
+    """The row of ``planned``: from ``eval_rows/`` when it finished before, else computed and stored with
+    ``measured_on`` (``environment.device_name``): a stored row's seconds are that device's."""
     path = run_dir / ROWS_DIR / f"{_row_key(fingerprint, mode, planned)}.json"
     if path.is_file():
         try:
@@ -300,8 +303,8 @@ def run_row(run_dir: Path, fingerprint: str, mode: str, planned: PlannedAttack, 
     if warnings:
         settings["check_warnings"] = sorted(set(warnings))
     row = {"mode": mode, "attack": planned.attack, "kind": planned.kind, "label": planned.label, "eps": planned.eps,
-           **measured.to_json(), "seconds": seconds, "describe": describe, "settings": settings,
-           "correct": encode_flags(flags)}
+           **measured.to_json(), "seconds": seconds, "measured_on": measured_on, "describe": describe,
+           "settings": settings, "correct": encode_flags(flags)}
     path.parent.mkdir(exist_ok=True)
     write_json(path, row)
     if progress:
@@ -438,6 +441,7 @@ def evaluate_run(
         device=str(device), seed=seed,
     )
     fingerprint = run_fingerprint(run_dir, run.model)
+    measured_on = device_name(torch.device(device))
 
     results: list[dict[str, Any]] = []
     sweep_rows: list[dict[str, Any]] = []
@@ -450,13 +454,14 @@ def evaluate_run(
             print(f"== {info['defense']} · {mode}", flush=True)
         zero = zero_gradient_images(serving.module, x, y, batch_size)
         checks[mode] = {"zero_gradient_images": zero, "n": n}
-        rows = [run_row(run_dir, fingerprint, mode, planned, progress=progress) for planned in plan_attacks(ctx)]
+        rows = [run_row(run_dir, fingerprint, mode, planned, measured_on=measured_on, progress=progress)
+                for planned in plan_attacks(ctx)]
         if needs_square(ctx, rows, zero):
-            rows.append(run_row(run_dir, fingerprint, mode, _autoattack_attack(ctx, ["square"], serving.module, None,
-                                                                                 BLACK_BOX), progress=progress))
+            square = _autoattack_attack(ctx, ["square"], serving.module, None, BLACK_BOX)
+            rows.append(run_row(run_dir, fingerprint, mode, square, measured_on=measured_on, progress=progress))
         results += rows
         if index == 0:  # the sweep is for the first (primary) mode
-            sweep_rows = [run_row(run_dir, fingerprint, mode, planned, progress=progress)
+            sweep_rows = [run_row(run_dir, fingerprint, mode, planned, measured_on=measured_on, progress=progress)
                           for planned in plan_sweep(ctx)]
 
     recipe = get_recipe(info["defense"])
@@ -470,7 +475,7 @@ def evaluate_run(
                      "n_requested": n_requested, "test_size": test_size, "data_root": data_root,
                      "subset": f"first {n} of torch.randperm({test_size}) seeded {TEST_SUBSET_SEED}",
                      "autoattack_label": autoattack_label(autoattack_version),
-                     "torch": torch.__version__,
+                     "torch": torch.__version__, "measured_on": measured_on,
                      "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         "results": results,
         "sweep": sweep_rows,
@@ -522,6 +527,15 @@ def _worst_case_lines(worst: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _stored_note(row: dict[str, Any], settings: dict[str, Any]) -> str:
+    """`` (stored)`` after a row read back from ``eval_rows/``, naming the device its seconds are from when that
+    is not the one this report ran on."""
+    if not row.get("reused"):
+        return ""
+    where = row.get("measured_on", "device not recorded")
+    return " (stored)" if where == settings.get("measured_on") else f" (stored; {where})"
+
+
 def format_report(report: dict[str, Any]) -> str:
     """``report.md``: per serving mode one row per attack, the per-image worst case and the reliability
     check; then the sweep."""
@@ -532,16 +546,15 @@ def format_report(report: dict[str, Any]) -> str:
         f"Run `{run['run_dir']}` ({run['weights']} weights, preset {run['preset']}), threat model "
         f"{s['norm']} eps {s['eps']:g}; {s['n']} of {s['test_size']} test images ({s['subset']}), "
         f"{s['autoattack_n']} of them for {s['autoattack_label']}, the surfaces' APGD and Square; device "
-        f"{s['device']}, seed {s['seed']}, {s['evaluated_at']}, {_duration(s['seconds'])}. Accuracies are % with "
-        f"their 95% Wilson interval and n. Attacks \"via X\" are crafted on the attack surface X, \"from X\" on "
-        f"another model X (transfer); all are judged by the served mode.",
+        f"{s.get('measured_on', s['device'])}, seed {s['seed']}, {s['evaluated_at']}, {_duration(s['seconds'])}. "
+        f"Accuracies are % with their 95% Wilson interval and n. Attacks \"via X\" are crafted on the attack "
+        f"surface X, \"from X\" on another model X (transfer); all are judged by the served mode.",
     ]
     for mode, description in report["modes"].items():
         lines += ["", f"## mode `{mode}`: {description}", "",
                   "| attack | kind | settings | accuracy % [95% CI] n | seconds |", "|---|---|---|---|---:|"]
         lines += [f"| {row['label']} | {row['kind']} | {row['describe']} | {figure(row)} | "
-                  f"{row['seconds']:.1f}{' (stored)' if row.get('reused') else ''} |"
-                  for row in report["results"] if row["mode"] == mode]
+                  f"{row['seconds']:.1f}{_stored_note(row, s)} |" for row in report["results"] if row["mode"] == mode]
         check = report["checks"][mode]
         if check["zero_gradient_images"]:
             lines += ["", f"Gradient check: the cross-entropy's input gradient is exactly zero at "
@@ -562,8 +575,14 @@ def primary_mode(report: dict[str, Any]) -> str:
 
 
 def plot_curves(report: dict[str, Any], path: Path) -> None:
-    """``curves.png``: sweep accuracy against eps with its intervals, the attacks at the nominal eps
-    and the per-image worst case as markers (primary mode)."""
+    """``curves.png`` (``curves_figure``)."""
+    fig = curves_figure(report)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def curves_figure(report: dict[str, Any]) -> Figure:
+    """The primary mode's sweep accuracy against eps with its intervals and its attacks at the nominal eps as
+    markers, and every mode's per-image worst case."""
     # A bare Figure on the Agg canvas: no pyplot, so no global backend or figure state is touched.
     fig = Figure(figsize=(7.2, 4.8))
     FigureCanvasAgg(fig)
@@ -580,11 +599,13 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
     for index, row in enumerate(attacks):
         ax.scatter([row["eps"]], [100 * row["accuracy"]], marker="s*^vDPXhp<>"[index % 11], s=50, zorder=3,
                    color=f"C{(index + 2) % 10}", label=f"{row['label']} ({row['n']})")
-    worst = report["worst_case"][mode]
-    if worst is not None:
+    # Every mode's worst case per image (the sweep and the single attacks are the primary mode's): DH-AT's heads,
+    # THAT's kNN beside its classifier, DUCAT's raw logits, each at the nominal eps, side by side.
+    for index, (other, worst) in enumerate((m, w) for m, w in report["worst_case"].items() if w is not None):
         below, above = (max(0.0, 100 * d) for d in (worst["accuracy"] - worst["ci95"][0], worst["ci95"][1] - worst["accuracy"]))
-        ax.errorbar([worst["eps"]], [100 * worst["accuracy"]], yerr=[[below], [above]], fmt="k_", markersize=18,
-                    capsize=4, zorder=4, label=f"worst case per image ({worst['n']})")
+        ax.errorbar([worst["eps"] * (1 + 0.03 * index)], [100 * worst["accuracy"]], yerr=[[below], [above]],
+                    fmt="_", color="k" if other == mode else f"C{(index + 5) % 10}", markersize=18, capsize=4,
+                    zorder=4, label=f"worst case per image [{other}] ({worst['n']})")
     ax.axvline(s["eps"], color="grey", linestyle=":", linewidth=1, label=f"nominal eps {s['eps']:g}")
     ax.set_xlabel(f"eps ({s['norm']}, pixels in [0, 1])")
     ax.set_ylabel("accuracy %")
@@ -593,7 +614,7 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize="x-small", ncol=2)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return fig
 
 
 MASKING_MARK = "†"  # after an accuracy whose attack pyautoattack's own checks warned about
@@ -672,8 +693,20 @@ def results_header(reports: Sequence[dict[str, Any]]) -> str:
             f"difference (95% Newcombe interval) with the run the defense starts from or its paper compares with; "
             f"better or worse only when the interval excludes zero and the exact McNemar test agrees (p < 0.05). "
             f"*Unreliable*: a black-box or transfer attack beat the white-box worst case beyond chance (the same "
-            f"paired test). Train time includes the base run. Each run's `report.md` has every attack.")
+            f"paired test). Train time includes the base run. Each run's `report.md` has every attack. "
+            f"{where_rows_were_measured(reports)}")
     return text + ("\n\n" + PIPELINE_CHECK if presets == {"quick"} else "")
+
+
+def where_rows_were_measured(reports: Sequence[dict[str, Any]]) -> str:
+    """Which devices measured the attack rows behind the table: the table may be assembled on one machine from
+    rows stored on others (``eval_rows/`` is keyed by the weights, not the device)."""
+    counts: dict[str, int] = {}
+    for report in reports:
+        for row in report["results"]:
+            where = row.get("measured_on", "a device not recorded (rows stored before rows named it)")
+            counts[where] = counts.get(where, 0) + 1
+    return "Attack rows measured on: " + "; ".join(f"{where}, {k}" for where, k in sorted(counts.items())) + "."
 
 
 def format_results_table(reports: Sequence[dict[str, Any]], references: dict[str, str] | None = None) -> str:

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from training.attacks import correct_flags
 from training.config import TrainConfig
 from training.data import load_dataset
+from training.environment import device_name
 from training.errors import ConfigError
 from training.evaluate import (
     BLACK_BOX,
@@ -232,6 +233,31 @@ def test_rows_are_stored_and_not_recomputed(run_dir, tmp_path):
         next(model.parameters()).add_(0.01)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(copy_dir / "best.safetensors"))
     assert not any(r["reused"] for r in evaluate_run(copy_dir, **settings)["results"])
+
+
+def test_each_row_names_the_device_that_measured_it(run_dir, tmp_path):
+    # Rows are reused across machines (a zoo assembled on a CPU from rows measured on a GPU): each row says where
+    # it was measured, report.md names it beside a stored row's seconds, and the results header counts them.
+    copy_dir = tmp_path / "run"
+    shutil.copytree(run_dir, copy_dir, ignore=shutil.ignore_patterns(ROWS_DIR))
+    settings = dict(n=16, pgd_steps=2, pgd_restarts=1, autoattack_n=0, sweep=[EPS], sweep_steps=1, device="cpu")
+    first = evaluate_run(copy_dir, **settings)
+    here = device_name(torch.device("cpu"))
+    assert {r["measured_on"] for r in first["results"] + first["sweep"]} == {here}
+    by_attack = {json.loads(p.read_text())["attack"]: p for p in (copy_dir / ROWS_DIR).iterdir()}
+    elsewhere = json.loads(by_attack["pgd-ce"].read_text())
+    by_attack["pgd-ce"].write_text(json.dumps({**elsewhere, "measured_on": "NVIDIA H200"}))
+    unnamed = json.loads(by_attack["pgd-margin"].read_text())
+    del unnamed["measured_on"]  # a row stored before rows named their device
+    by_attack["pgd-margin"].write_text(json.dumps(unnamed))
+    second = evaluate_run(copy_dir, **settings)
+    table = {line.split("|")[1].strip(): line for line in (copy_dir / REPORT_MD).read_text().splitlines()
+             if line.startswith("| PGD-")}
+    assert table["PGD-2 CE"].endswith("(stored; NVIDIA H200) |")
+    assert table["PGD-2 CW margin"].endswith("(stored; device not recorded) |")
+    assert table["PGD-2 DLR"].endswith("(stored) |")
+    assert (f"Attack rows measured on: NVIDIA H200, 1; a device not recorded (rows stored before rows named it), 1; "
+            f"{here}, 2.") in results_header([second])
 
 
 def test_wrong_dataset_is_a_clear_error(run_dir, tmp_path):

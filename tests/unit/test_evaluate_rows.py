@@ -14,6 +14,7 @@ from training.evaluate import (
     WHITE_BOX,
     EvalContext,
     EvalSettings,
+    curves_figure,
     encode_flags,
     plan_attacks,
     run_row,
@@ -60,8 +61,23 @@ def test_autoattack_rows_carry_pyautoattacks_gradient_masking_warnings(tmp_path)
     ctx = EvalContext("default", ServingMode(masked, "constant", attack_surfaces={"itself": masked}),
                       torch.rand(6, 1, 28, 28), torch.zeros(6, dtype=torch.long), settings)
     plan = {planned.attack: planned for planned in plan_attacks(ctx)}
-    autoattack = run_row(tmp_path, "fingerprint", "default", plan["autoattack"], progress=False)
+    autoattack = run_row(tmp_path, "fingerprint", "default", plan["autoattack"], measured_on="cpu", progress=False)
     assert "**pyautoattack's checks warned: zero gradients at up to 6 of 6 images" in autoattack["describe"]
     assert autoattack["settings"]["check_warnings"]
-    surface = run_row(tmp_path, "fingerprint", "default", plan["apgd-ce+apgd-t@itself"], progress=False)
+    surface = run_row(tmp_path, "fingerprint", "default", plan["apgd-ce+apgd-t@itself"], measured_on="cpu",
+                      progress=False)
     assert surface["settings"]["check_warnings"]  # APGD-T's DLR loss is checked too
+
+
+def test_the_curves_show_every_modes_worst_case():
+    # The sweep is the primary mode's; a multi-mode run (DH-AT's heads) still shows each mode's worst case.
+    rows = {mode: _synthetic_row("pgd", WHITE_BOX, [True] * k + [False] * (10 - k)) for mode, k in (("main", 6), ("both", 7))}
+    report = {"run": {"defense": "dhat", "architecture": "smallcnn", "dataset": "fashion_mnist"},
+              "settings": {"sweep_steps": 5, "n": 10, "eps": EPS, "norm": "linf"},
+              "modes": {"main": "the main head", "both": "the aggregator"},
+              "sweep": [{**rows["main"], "eps": e} for e in (0.0, EPS)],
+              "results": [{**row, "mode": mode} for mode, row in rows.items()],
+              "worst_case": {"main": worst_case([{**rows["main"], "mode": "main"}], "main", EPS),
+                             "both": worst_case([{**rows["both"], "mode": "both"}], "both", EPS)}}
+    labels = [text.get_text() for text in curves_figure(report).axes[0].get_legend().get_texts()]
+    assert "worst case per image [main] (10)" in labels and "worst case per image [both] (10)" in labels
