@@ -41,6 +41,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import load_dataset, plain_train_set
 from .devices import attack_autocast, default_device, step_autocast
+from .environment import device_name
 from .errors import ConfigError, TrainingDivergedError, cannot_write
 from .recipes import Recipe, StepContext, get_recipe
 from .runs import (
@@ -141,6 +142,9 @@ class Trainer:
         self.device = default_device(config.device)
         if self.device.type == "cuda" and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
+        # Each epoch names the device it ran on: a run resumed or continued elsewhere (a base from a GPU, a stage
+        # on a CPU) keeps an honest record of where its seconds came from.
+        self.trained_on = device_name(self.device) + (f" x{self.dist.world_size}" if self.dist.world_size > 1 else "")
         if config.batch_size % self.dist.world_size:
             raise ConfigError(f"--batch-size {config.batch_size} must be a multiple of the {self.dist.world_size} DDP processes")
         self.split = Split.make(len(self.train_set), config)
@@ -385,7 +389,7 @@ class Trainer:
             metrics = self.train_epoch(model, index, epoch)
             validation, clean_predicted = self.validate(index)
             metrics.update(validation)
-            metrics["seconds"] = time.perf_counter() - started
+            metrics.update(seconds=time.perf_counter() - started, trained_on=self.trained_on)
             self._check_not_collapsed(index, epoch, clean_predicted, record["history"])
             # select_by "last": the paper serves its final weights (AFT-DRA ends on clean-only epochs).
             improved = cfg.select_by == "last" or self._score(cfg, metrics) > record["best_score"]

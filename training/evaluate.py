@@ -67,6 +67,7 @@ from .runs import (
     load_test_subset,
     restore_artifacts,
     train_seconds,
+    trained_on,
 )
 from .stats import format_difference, format_proportion, paired_difference, proportion
 
@@ -469,7 +470,7 @@ def evaluate_run(
         "run": {"run_dir": str(run.run_dir), "defense": info["defense"], "architecture": info["architecture"],
                 "dataset": info["dataset"], "preset": info.get("preset"), "training_seed": info.get("seed"),
                 "threat_model": threat, "weights": "best", "code_version": info.get("code_version"),
-                "train_seconds": train_seconds(info),
+                "train_seconds": train_seconds(info), "trained_on": trained_on(info),
                 "compared_with": (info.get("base") or {}).get("recipe") or recipe.compared_with},
         "settings": {**asdict(settings), "objectives": list(settings.objectives), "sweep": list(settings.sweep),
                      "n_requested": n_requested, "test_size": test_size, "data_root": data_root,
@@ -693,9 +694,14 @@ def results_header(reports: Sequence[dict[str, Any]]) -> str:
             f"difference (95% Newcombe interval) with the run the defense starts from or its paper compares with; "
             f"better or worse only when the interval excludes zero and the exact McNemar test agrees (p < 0.05). "
             f"*Unreliable*: a black-box or transfer attack beat the white-box worst case beyond chance (the same "
-            f"paired test). Train time includes the base run. Each run's `report.md` has every attack. "
-            f"{where_rows_were_measured(reports)}")
+            f"paired test). Train time includes the base run and names the devices its epochs ran on. Each run's "
+            f"`report.md` has every attack. {where_rows_were_measured(reports)}")
     return text + ("\n\n" + PIPELINE_CHECK if presets == {"quick"} else "")
+
+
+def _where_trained(run: dict[str, Any]) -> str:
+    """`` (on X)`` after a train time: the devices its epochs ran on (a report from before reports named them: none)."""
+    return f" ({'; '.join(run['trained_on'])})" if run.get("trained_on") else ""
 
 
 def where_rows_were_measured(reports: Sequence[dict[str, Any]]) -> str:
@@ -739,10 +745,11 @@ def format_results_table(reports: Sequence[dict[str, Any]], references: dict[str
             clean_diff, worst_diff = compare_with_base(report, mode, base)
             aa = _row(report, mode, "autoattack")
             flagged = worst is not None and worst["reliability"]["unreliable"]
+            train_time = _duration(run["train_seconds"]) + _where_trained(run)
             line = (f"| {run['defense']} | {mode} | {figure(_row(report, mode, CLEAN))} | {_lowest(rows, [WHITE_BOX])} | "
                     f"{_marked(aa, figure(aa))} | {_lowest(rows, [BLACK_BOX, TRANSFER])} | **{figure(worst)}** | "
                     f"{f'{compared}: {clean_diff}' if base else '-'} | {worst_diff} | "
-                    f"{('**' + UNRELIABLE + '**') if flagged else 'ok'} | {_duration(run['train_seconds'])} |")
+                    f"{('**' + UNRELIABLE + '**') if flagged else 'ok'} | {train_time} |")
             if references is not None:
                 line += f" {references.get(run['defense'], '-') if mode == primary_mode(report) else ''} |"
             lines.append(line)

@@ -169,6 +169,14 @@ def spec_from_info(info: dict[str, Any]) -> DatasetSpec:
                        std=tuple(info["normalization"]["std"]), default_architecture=info["architecture"])
 
 
+def trained_on(info: dict[str, Any]) -> list[str]:
+    """The devices a run's epochs ran on, over all stages of ``defense.json``, in the order first met (an epoch
+    from before epochs named their device counts as ``device not recorded``)."""
+    devices = [epoch.get("trained_on", "device not recorded") for stage in info.get("stages", [])
+               for epoch in stage.get("history", [])]
+    return list(dict.fromkeys(devices))
+
+
 def train_seconds(info: dict[str, Any]) -> float:
     """Total training time of a run: the epochs' ``seconds`` over all stages of ``defense.json``."""
     return float(sum(epoch.get("seconds", 0.0) for stage in info.get("stages", [])

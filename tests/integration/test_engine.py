@@ -19,7 +19,9 @@ from torch import nn
 
 from training.checkpoint import CheckpointError, load_tensors
 from training.config import TrainConfig
+from training.devices import default_device
 from training.engine import Trainer, train
+from training.environment import device_name
 from training.errors import TrainingDivergedError
 from training.recipes import get_recipe
 from training.runs import BEST, DEFENSE_JSON, LAST, load_run
@@ -57,6 +59,8 @@ def test_every_baseline_trains_and_learns(recipe, learnable_fashion_mnist, tmp_p
     assert info["classes"][0] == "T-shirt/top" and info["input_shape"] == [1, 28, 28]
     history = info["stages"][0]["history"]
     assert len(history) == 2 and history[-1]["val_clean_acc"] > 0.5, history
+    # Each epoch names where it ran (a run may be resumed or continued on another machine).
+    assert {epoch["trained_on"] for epoch in history} == {device_name(default_device(None))}
     loaded = load_run(run_dir)
     assert loaded.model.num_outputs == 10 and not loaded.model.training
     assert not list(run_dir.glob(".*.tmp")), "no temporary files may be left behind"

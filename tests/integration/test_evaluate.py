@@ -175,6 +175,7 @@ def test_results_table(report):
     other = copy.deepcopy(report)
     other["run"]["defense"], other["run"]["compared_with"] = "pgd_at", "natural"
     other["results"] = [r for r in other["results"] if r["attack"] != "autoattack"]
+    other["run"]["trained_on"] = ["NVIDIA H200", "cpu (AMD EPYC)"]  # a base trained on a GPU, a stage on a CPU
     lines = format_results_table([report, other]).splitlines()
     assert lines[0].startswith("| defense | mode | clean % | strongest white-box % | AutoAttack % | black-box / transfer % "
                                "| worst case per image % | vs base: clean (points) | vs base: worst case (points) |")
@@ -185,6 +186,8 @@ def test_results_table(report):
     assert cells[7].startswith("**") and "n=16" in cells[7] and cells[8] == cells[9] == "-"
     other_cells = [cell.strip() for cell in lines[3].split("|")]
     assert other_cells[5] == "-"  # no AutoAttack row
+    # The train time names the devices the epochs ran on; this fixture's hand-made epoch names none.
+    assert cells[-2].endswith(" (device not recorded)") and other_cells[-2].endswith(" (NVIDIA H200; cpu (AMD EPYC))")
     # The same images against themselves: a paired difference of zero, and no verdict either way.
     assert other_cells[8] == "natural: +0.0 [" + other_cells[8].split("[")[1] and other_cells[8].endswith(
         "n=64: no detectable difference")
