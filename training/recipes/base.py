@@ -10,7 +10,7 @@ A recipe is one defense (or baseline). It declares:
 * ``stages(config)``: what is trained, in order. A stage names its loss, the sub-modules that
   learn (everything else is frozen: no gradient, BatchNorm statistics fixed) and the serving mode
   it is validated in. Per-stage hyper-parameters come from ``TrainConfig.stages[stage.name]``,
-* ``modes(model, run_dir)``: the serving modes (DESIGN.md, "Serving modes"), each a module from
+* ``modes(model, run_dir)``: the serving modes (docs/architecture.md, "Serving modes"), each a module from
   pixels to scores whose argmax is the deployed prediction, plus the attack surfaces that an
   adaptive attacker would use against that mode,
 * ``finish(...)``: artifacts made from the finished model (THAT's kNN memory bank).
