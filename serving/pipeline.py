@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from training.config import TrainConfig
-from training.errors import ConfigError
+from training.errors import CheckpointError, ConfigError
 
 # Settings that say where and how a run was read, not what it learnt.
 WHERE_IT_RAN = frozenset({"device", "workers", "data_root", "download"})
+# Settings a finished run may be continued to, when the epochs it trained keep their learning rates.
+LENGTH_OF_TRAINING = frozenset({"epochs", "tail_epochs"})
 
 
 def train_and_evaluate(recipe_ids: Sequence[str], preset: str, runs_root: Path,
@@ -28,22 +30,33 @@ def train_and_evaluate(recipe_ids: Sequence[str], preset: str, runs_root: Path,
     from training.engine import train
     from training.evaluate import evaluate_run
     from training.recipes import get_recipe
-    from training.runs import read_defense_json, run_dir_for, run_finished
+    from training.runs import base_changed, read_defense_json, run_dir_for, run_finished
 
     run_dirs, reports = [], []
     for recipe_id in recipe_ids:
         config = get_recipe(recipe_id).config(preset)
         run_dir = run_dir_for(config, runs_root)
-        finished = run_finished(run_dir)
-        print(f"== {recipe_id}: {'reusing ' + str(run_dir) if finished else 'training into ' + str(run_dir)}", flush=True)
-        if finished:
-            # A finished run is kept whatever it cost; but say when the preset has changed since it was trained.
-            changed = config.changed_settings(TrainConfig(**read_defense_json(run_dir)["config"]), ignore=WHERE_IT_RAN)
-            if changed:
-                print(f"   note: it was trained with other {', '.join(changed)} than the {preset} preset now gives; "
-                      f"move {run_dir} away and run again to train it anew", flush=True)
-        else:
+        if not run_finished(run_dir):
+            print(f"== {recipe_id}: training into {run_dir}", flush=True)
             train(config, run_dir, resume=True, runs_root=runs_root)
+        elif base_changed(run_dir):  # trained on weights its base no longer serves: stale, whatever it cost
+            print(f"== {recipe_id}: training anew into {run_dir}: its base run has changed since it was trained", flush=True)
+            train(config, run_dir, force=True, runs_root=runs_root)
+        else:
+            print(f"== {recipe_id}: reusing {run_dir}", flush=True)
+            # A finished run is kept whatever it cost; when the preset has only lengthened it, it is continued
+            # where that is exact, else the change is named.
+            changed = config.changed_settings(TrainConfig(**read_defense_json(run_dir)["config"]), ignore=WHERE_IT_RAN)
+            why_kept = f"it was trained with other {', '.join(changed)} than the {preset} preset now gives"
+            if changed and set(changed) <= LENGTH_OF_TRAINING:
+                print(f"   the {preset} preset now trains it for longer: continuing it", flush=True)
+                try:
+                    train(config, run_dir, resume=True, runs_root=runs_root)
+                    changed = []
+                except CheckpointError as err:
+                    why_kept = str(err)
+            if changed:
+                print(f"   note: {why_kept}; move {run_dir} away and run again to train it anew", flush=True)
         reports.append(evaluate_run(run_dir, **suite, progress=True))
         run_dirs.append(run_dir)
     return run_dirs, reports

@@ -25,6 +25,11 @@ class TrainConfig:
     weight_decay: float = 5e-4
     nesterov: bool = False
     schedule: str = "multistep"  # multistep | cosine | constant
+    # A cosine schedule's constant tail: the cosine anneals over the first ``epochs - tail_epochs`` epochs and the
+    # last ``tail_epochs`` run at ``tail_lr_factor`` x lr. The tail shows on the validation curve whether more
+    # training at a small lr still improves the model, which the anneal's own lift hides (docs/epoch-experiment/).
+    tail_epochs: int = 0
+    tail_lr_factor: float = 0.1
     milestones: list[int] = field(default_factory=list)  # epochs at which lr *= gamma (multistep)
     gamma: float = 0.1
     # Training adversary (Linf PGD unless the recipe says otherwise).

@@ -43,7 +43,7 @@ from .data import load_dataset, plain_train_set
 from .devices import attack_autocast, default_device, step_autocast
 from .environment import device_name
 from .errors import ConfigError, TrainingDivergedError, cannot_write
-from .recipes import Recipe, StepContext, get_recipe
+from .recipes import Recipe, Stage, StepContext, get_recipe
 from .runs import (
     BEST,
     DEFENSE_JSON,
@@ -69,10 +69,31 @@ def learning_rate(config: TrainConfig, progress: float) -> float:
     if config.schedule == "multistep":
         return config.lr * config.gamma ** sum(progress >= m for m in config.milestones)
     if config.schedule == "cosine":
-        return 0.5 * config.lr * (1 + math.cos(math.pi * min(progress / config.epochs, 1.0)))
+        anneal = config.epochs - config.tail_epochs
+        if progress >= anneal and config.tail_epochs:
+            return config.lr * config.tail_lr_factor
+        return 0.5 * config.lr * (1 + math.cos(math.pi * min(progress / anneal, 1.0)))
     if config.schedule == "constant":
         return config.lr
     raise ConfigError(f"unknown schedule {config.schedule!r}; use multistep, cosine or constant")
+
+
+def lengthening_problem(saved: TrainConfig, config: TrainConfig, stages: list[Stage], state: dict[str, Any]) -> str | None:
+    """Why a run trained with ``saved`` (its checkpoint ``state``) cannot continue exactly under ``config``, which
+    may train for longer; None when it can. The epochs already trained must keep their learning rates (a cosine
+    stretched over more epochs would not; one given a tail after its anneal does), and only the stage in progress,
+    or the last one, may grow: the stages after an earlier one were trained on its weights."""
+    for index, (stage, record) in enumerate(zip(stages, state["stages"])):
+        then, now, done = saved.for_stage(stage.name), config.for_stage(stage.name), record["epochs_done"]
+        if index < state["stage"] and now.epochs != done:
+            return (f"its {stage.name} stage would train {now.epochs} epochs instead of its {done}, and the stages "
+                    "after it were trained on those")
+        # An epoch's steps run at fractional progress in [epoch, epoch + 1).
+        if any(not math.isclose(learning_rate(then, p / 4), learning_rate(now, p / 4)) for p in range(4 * done)):
+            return (f"the learning rate of the {done} epochs its {stage.name} stage has trained would change "
+                    f"({then.epochs} epochs, {then.tail_epochs} of them tail, then; {now.epochs} and {now.tail_epochs} now: "
+                    "a cosine run grows exactly by adding as many tail_epochs as epochs)")
+    return None
 
 
 @dataclass
@@ -249,10 +270,11 @@ class Trainer:
             raise CheckpointError(f"{self.run_dir / LAST} carries no training state of this version; start over with --force")
         saved = TrainConfig(**state["config"])
         # Everything but the length of training and where it runs must match to continue exactly.
-        diffs = self.config.changed_settings(saved, ignore=frozenset({"epochs", "device", "workers"}))
-        if diffs:
-            raise CheckpointError(f"cannot resume {self.run_dir}: it was trained with different {', '.join(diffs)}; "
-                                  f"use the same settings, or --force to start over")
+        diffs = self.config.changed_settings(saved, ignore=frozenset({"epochs", "tail_epochs", "device", "workers"}))
+        problem = (f"it was trained with different {', '.join(diffs)}" if diffs
+                   else lengthening_problem(saved, self.config, self.stages, state))
+        if problem:
+            raise CheckpointError(f"cannot resume {self.run_dir}: {problem}; use the same settings, or --force to start over")
         try:
             self.module.load_state_dict(model_tensors(tensors, "model/"))
         except RuntimeError as err:

@@ -105,6 +105,14 @@ def base_run_dir(run_dir: Path, info: dict[str, Any]) -> Path | None:
     return None
 
 
+def base_changed(run_dir: Path) -> bool:
+    """True when the finished ``run_dir`` started from a base run whose served weights are no longer those it
+    started from (the base was trained anew, or lengthened, since); False without a base or when it is gone."""
+    info = read_defense_json(run_dir)
+    base_dir = base_run_dir(run_dir, info)
+    return base_dir is not None and weights_digest(load_run(base_dir).model) != info["base"]["weights_sha256"]
+
+
 # -- defense.json ------------------------------------------------------------------------------
 
 def defense_info(recipe: Recipe, config: TrainConfig, spec: DatasetSpec, state: dict[str, Any],

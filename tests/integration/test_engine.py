@@ -111,7 +111,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_finished_epoch(learnable_f
     network with exit status 0; the engine now stops at the first non-finite loss, before the update."""
     run_dir = train(tiny_config(epochs=1), tmp_path / "run", progress=False)
     finished_epoch = weights(run_dir)
-    trainer = Trainer(tiny_config(epochs=2), run_dir, resume=True, progress=False)
+    trainer = Trainer(tiny_config(epochs=2, tail_epochs=1), run_dir, resume=True, progress=False)
     stage = trainer.stages[0]
     steps = []
 
@@ -136,7 +136,7 @@ def test_a_collapse_to_chance_stops_training_and_keeps_the_epoch_before(learnabl
     history = json.loads((run_dir / DEFENSE_JSON).read_text())["stages"][0]["history"]
     assert max(epoch["val_clean_acc"] for epoch in history) >= 0.3, "the run must have learnt for the check to apply"
     finished_epoch = weights(run_dir)
-    trainer = Trainer(tiny_config(epochs=3), run_dir, resume=True, progress=False)
+    trainer = Trainer(tiny_config(epochs=3, tail_epochs=1), run_dir, resume=True, progress=False)
     trainer.validation_mode = lambda index: constant_logits_model()  # what a collapsed network predicts: one class
     with pytest.raises(TrainingDivergedError, match="at epoch 3 every validation image got class 0, .*collapsed"):
         trainer.fit()

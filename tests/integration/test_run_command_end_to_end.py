@@ -8,7 +8,10 @@ from __future__ import annotations
 import pytest
 
 from serving.cli import main
+from training.checkpoint import load_tensors, save_tensors, weights_digest
 from training.recipes import RECIPES
+from training.run_files import read_defense_json
+from training.runs import BEST, load_run
 
 
 @pytest.mark.slow
@@ -16,7 +19,7 @@ from training.recipes import RECIPES
 def test_run_trains_evaluates_writes_the_table_and_reuses_finished_runs(learnable_fashion_mnist, tmp_path, capsys,
                                                                        monkeypatch):
     results = tmp_path / "RESULTS.md"
-    args = ["run", "--recipes", "natural,pgd_at", "--runs", str(tmp_path / "runs"), "--n", "20",
+    args = ["run", "--recipes", "natural,pgd_at,aft_dra", "--runs", str(tmp_path / "runs"), "--n", "20",
             "--autoattack-n", "4", "--results", str(results), "--no-serve"]
     assert main(args) == 0
     first = capsys.readouterr().out
@@ -31,7 +34,7 @@ def test_run_trains_evaluates_writes_the_table_and_reuses_finished_runs(learnabl
 
     assert main(args) == 0  # everything finished is reused: no training, no evaluation
     second = capsys.readouterr().out
-    assert "== natural: reusing" in second and "== pgd_at: reusing" in second
+    assert "== natural: reusing" in second and "== pgd_at: reusing" in second and "== aft_dra: reusing" in second
     assert "training into" not in second and "   default: " not in second  # no row was computed again
     assert results.read_text() == table
 
@@ -43,3 +46,28 @@ def test_run_trains_evaluates_writes_the_table_and_reuses_finished_runs(learnabl
     assert "training into" not in third and "   default: " not in third
     assert third.count("note: it was trained with other") == 1
     assert "== pgd_at: reusing" in third and "note: it was trained with other select_by than the quick preset" in third
+
+    # The preset lengthened natural by a tail after its anneal: the finished run is continued, exactly (the epochs
+    # it trained keep their lr), not trained anew; what was kept is kept.
+    runs = tmp_path / "runs"
+    natural = RECIPES["natural"]
+    monkeypatch.setitem(natural.presets, "quick", {**natural.presets["quick"], "epochs": 3, "tail_epochs": 1})
+    trained_epochs = read_defense_json(runs / "natural-quick-fashion_mnist-smallcnn")["stages"][0]["history"][:2]
+    assert main(args) == 0
+    fourth = capsys.readouterr().out
+    assert fourth.count("now trains it for longer: continuing it") == 1 and "== pgd_at: reusing" in fourth
+    info = read_defense_json(runs / "natural-quick-fashion_mnist-smallcnn")
+    assert info["config"]["tail_epochs"] == 1 and info["stages"][0]["history"][:2] == trained_epochs
+    assert [epoch["epoch"] for epoch in info["stages"][0]["history"]] == [1, 2, 3]
+
+    # natural now serves other weights than aft_dra started from (as when it is trained anew): aft_dra is stale
+    # and is trained anew, from the weights its base serves now.
+    best = runs / "natural-quick-fashion_mnist-smallcnn" / BEST
+    tensors, state = load_tensors(best)
+    save_tensors(best, {name: tensor * 1.01 if tensor.is_floating_point() else tensor
+                        for name, tensor in tensors.items()}, state)
+    assert main(args) == 0
+    fifth = capsys.readouterr().out
+    assert "== aft_dra: training anew into" in fifth and "its base run has changed since it was trained" in fifth
+    aft_dra = read_defense_json(runs / "aft_dra-quick-fashion_mnist-smallcnn")
+    assert aft_dra["base"]["weights_sha256"] == weights_digest(load_run(runs / "natural-quick-fashion_mnist-smallcnn").model)

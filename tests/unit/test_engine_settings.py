@@ -16,6 +16,48 @@ def test_learning_rate_schedules() -> None:
     cosine = TrainConfig(recipe="pgd_at", epochs=10, lr=0.1, schedule="cosine")
     assert learning_rate(cosine, 0) == pytest.approx(0.1) and learning_rate(cosine, 10) == pytest.approx(0.0)
     assert learning_rate(cosine, 5) == pytest.approx(0.05)
+    # A tail: the cosine anneals over the first 10 epochs, as without one, then a tenth of the lr to the end.
+    tailed = TrainConfig(recipe="pgd_at", epochs=15, tail_epochs=5, lr=0.1, schedule="cosine")
+    assert all(learning_rate(tailed, e / 4) == learning_rate(cosine, e / 4) for e in range(40))
+    assert [learning_rate(tailed, e) for e in (10, 12.5, 14.99)] == pytest.approx([0.01] * 3)
+
+
+def test_tail_epochs_belong_to_a_cosine_schedule_and_leave_it_epochs_to_anneal():
+    from training.errors import ConfigError
+    from training.recipes import get_recipe
+
+    pgd_at = get_recipe("pgd_at")
+    assert pgd_at.config("quick", epochs=3, tail_epochs=1).tail_epochs == 1
+    with pytest.raises(ConfigError, match=r"tail_epochs \(3\) .* fewer than its epochs \(3\)"):
+        pgd_at.config("quick", epochs=3, tail_epochs=3)
+    with pytest.raises(ConfigError, match="has a constant one"):
+        pgd_at.config("quick", schedule="constant", tail_epochs=1)
+    with pytest.raises(ConfigError, match="aggregator has a constant one"):  # per stage too
+        get_recipe("dhat").config("standard", stages={"aggregator": {"tail_epochs": 2}})
+
+
+def test_a_run_continues_to_more_epochs_only_where_its_trained_epochs_keep_their_lr():
+    from training.engine import lengthening_problem
+    from training.recipes import get_recipe
+
+    def state(*epochs_done: int) -> dict:
+        return {"stage": len(epochs_done) - 1, "stages": [{"epochs_done": done} for done in epochs_done]}
+
+    pgd_at = get_recipe("pgd_at")
+    trained = pgd_at.config("standard", epochs=30, tail_epochs=0)
+    stages = pgd_at.stages(trained)
+    assert lengthening_problem(trained, pgd_at.config("standard"), stages, state(30)) is None  # 30 cosine + 15 tail
+    assert lengthening_problem(trained, trained, stages, state(12)) is None  # an interrupted run
+    stretched = lengthening_problem(trained, pgd_at.config("standard", tail_epochs=0), stages, state(30))
+    assert "the learning rate of the 30 epochs its" in stretched
+    assert "(30 epochs, 0 of them tail, then; 45 and 0 now: a cosine run grows exactly by adding" in stretched
+    # DH-AT's aggregator was trained on the second head: the second head cannot grow under it.
+    dhat = get_recipe("dhat")
+    short = dhat.config("standard", epochs=30, tail_epochs=0)
+    problem = lengthening_problem(short, dhat.config("standard"), dhat.stages(short), state(30, 6))
+    assert problem.startswith("its second stage would train 45 epochs instead of its 30")
+    longer_aggregator = dhat.config("standard", epochs=30, tail_epochs=0, stages={"aggregator": {"epochs": 9}})
+    assert lengthening_problem(short, longer_aggregator, dhat.stages(short), state(30, 6)) is None
 
 
 def test_bf16_autocast_only_where_native(tmp_path):

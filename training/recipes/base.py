@@ -185,6 +185,11 @@ class Recipe(ABC):
         if unknown:
             raise ConfigError(f"recipe {self.id!r} has no stage(s) {', '.join(sorted(unknown))}; stages: "
                               f"{', '.join(stage.name for stage in self.stages(config))}")
+        for stage in self.stages(config):
+            staged = config.for_stage(stage.name)
+            if staged.tail_epochs and not (staged.schedule == "cosine" and 0 <= staged.tail_epochs < staged.epochs):
+                raise ConfigError(f"tail_epochs ({staged.tail_epochs}) is the constant end of a cosine schedule and must "
+                                  f"be fewer than its epochs ({staged.epochs}); {stage.name} has a {staged.schedule} one")
         return config
 
     def draw_run_secrets(self, config: TrainConfig) -> dict[str, Any]:

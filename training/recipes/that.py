@@ -247,9 +247,9 @@ class THAT(Recipe):
         # training image (60k): ``bank_size`` is None.
         "quick": {**QUICK, "epochs": 1, "batch_size": 64, "train_subset": 10000,
                   "stages": {"clean_encoder": {"batch_size": 128, "select_by": "last"}}, "params": QUICK_PARAMS},
-        # The standard setting: the clean encoder for 5 clean epochs (cheap), then the robust network
-        # for the 30 epochs every adversarial baseline gets, against PGD-AT at the same budget.
-        "standard": {**STANDARD, "stages": {"clean_encoder": {"epochs": 5, "select_by": "last"}},
+        # The standard setting: the clean encoder for 5 cosine epochs (cheap), then the robust network
+        # for the 45 epochs every adversarial baseline gets, against PGD-AT at the same budget.
+        "standard": {**STANDARD, "stages": {"clean_encoder": {"epochs": 5, "tail_epochs": 0, "select_by": "last"}},
                      "params": {**QUICK_PARAMS, "clean_objective": "instance"}},
     }
 
