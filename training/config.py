@@ -86,8 +86,22 @@ class TrainConfig:
                 return [c for k in sorted(now) for c in changed(now[k], then.get(k), f"{name}.{k}")]
             return [] if now == then else [name]
 
-        return [c for k in sorted(self.field_names() - ignore)
-                for c in changed(getattr(self, k), getattr(recorded, k), k)]
+        names = [c for k in sorted(self.field_names() - ignore - {"stages"})
+                 for c in changed(getattr(self, k), getattr(recorded, k), k)]
+        # A stage's settings are what its overrides make of the top level's, compared as such (an override that
+        # restates a default, THAT's clean encoder's tail_epochs 0, is no change) and only where either run has an
+        # override (a top-level change is named once, above).
+        for stage in sorted(set(self.stages) | set(recorded.stages)):
+            now, then = self.for_stage(stage), recorded.for_stage(stage)
+            overrides = (self.stages.get(stage, {}), recorded.stages.get(stage, {}))
+            for key in sorted(set(overrides[0]) | set(overrides[1]) - ignore):
+                if key == "params":
+                    params = set(overrides[0].get("params", {})) | set(overrides[1].get("params", {}))
+                    names += [c for p in sorted(params) for c in changed(now.params.get(p), then.params.get(p),
+                                                                         f"stages.{stage}.params.{p}")]
+                else:
+                    names += changed(getattr(now, key), getattr(then, key), f"stages.{stage}.{key}")
+        return names
 
     def for_stage(self, name: str) -> TrainConfig:
         """The settings of stage ``name``: these with its ``stages[name]`` overrides applied."""

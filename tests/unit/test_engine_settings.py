@@ -56,6 +56,12 @@ def test_a_run_continues_to_more_epochs_only_where_its_trained_epochs_keep_their
     short = dhat.config("standard", epochs=30, tail_epochs=0)
     problem = lengthening_problem(short, dhat.config("standard"), dhat.stages(short), state(30, 6))
     assert problem.startswith("its second stage would train 45 epochs instead of its 30")
+    # THAT's 30-epoch run (its clean encoder's override without the tail_epochs 0 it states now) continues.
+    that = get_recipe("that")
+    that_30 = that.config("standard", epochs=30, tail_epochs=0)
+    that_30.stages["clean_encoder"].pop("tail_epochs")
+    assert that.config("standard").changed_settings(that_30) == ["epochs", "tail_epochs"]
+    assert lengthening_problem(that_30, that.config("standard"), that.stages(that_30), state(5, 30)) is None
     longer_aggregator = dhat.config("standard", epochs=30, tail_epochs=0, stages={"aggregator": {"epochs": 9}})
     assert lengthening_problem(short, longer_aggregator, dhat.stages(short), state(30, 6)) is None
 
@@ -124,5 +130,10 @@ def test_changed_settings_names_what_differs_from_a_recorded_run_and_no_values()
     other = TrainConfig(recipe="ducat", epochs=20, params={"beta": 3.0},
                         stages={"second": {"lr": 0.01, "select_by": "last"}, "aggregator": {"epochs": 6}})
     changed = other.changed_settings(recorded, ignore=frozenset({"device"}))
-    assert changed == ["epochs", "params.beta", "stages.aggregator", "stages.second.select_by"]
+    assert changed == ["epochs", "params.beta", "stages.aggregator.epochs", "stages.second.select_by"]
+    # A stage override that restates what the stage had anyway is no change (THAT's clean encoder, given the
+    # standard preset's tail, says tail_epochs 0, the default its 30-epoch runs were trained with).
+    restated = TrainConfig(recipe="ducat", epochs=30, params={"beta": 6.0},
+                           stages={"second": {"lr": 0.01, "tail_epochs": 0, "params": {"beta": 6.0}}})
+    assert restated.changed_settings(recorded, ignore=frozenset({"device"})) == []
     assert "123456789" not in repr(changed) and "3.0" not in repr(changed)
