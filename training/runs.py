@@ -159,7 +159,10 @@ def validation_rise(info: dict[str, Any]) -> dict[str, Any]:
     short fine-tune of a base that was still rising is not converged however flat its own few epochs are.
     ``rising_stages`` names the stages that fail."""
     rises = {stage["name"]: _last_third_rise(stage["history"]) for stage in info["stages"] if stage["history"]}
-    rising = [name for name, rise in rises.items() if not all(rise[key] < FLAT_WITHIN for key in VALIDATION_KEYS)]
+    # Rounded: the figures are float32 fractions of the validation images, and ten images more of 1,000 (a point,
+    # not less than a point) came out as a rise of 0.00999999.
+    rising = [name for name, rise in rises.items()
+              if not all(round(rise[key], 6) < FLAT_WITHIN for key in VALIDATION_KEYS)]
     last = rises[info["stages"][-1]["name"]]
     return {**last, "flat": not rising, "rising_stages": rising}
 

@@ -104,6 +104,11 @@ def test_a_run_is_converged_when_its_last_third_rose_less_than_a_point():
     tail_of_rising = validation_rise({"stages": [rising_stage, fine_tune]})
     assert not tail_of_rising["flat"] and tail_of_rising["rising_stages"] == ["pgd_at"]
     assert tail_of_rising["from_epoch"] == 2 and tail_of_rising["to_epoch"] == 3  # the figures are the last stage's
+    # Ten images more of 1,000 is a point, not less, though float32 validation figures make it 0.00999999 (ACT's
+    # tail, 75.6 -> 76.6).
+    as_float32 = [torch.tensor(v).item() for v in (0.75, 0.756, 0.756, 0.766)]
+    a_point = validation_rise({"stages": [stage("act", [0.8] * 4, as_float32)]})
+    assert a_point["val_robust_acc"] < 0.01 and not a_point["flat"]
 
 
 def test_the_code_version_is_read_once_per_process(monkeypatch):
