@@ -13,13 +13,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from training.config import TrainConfig
+from training.config import LENGTH_OF_TRAINING, TrainConfig
 from training.errors import CheckpointError, ConfigError
 
 # Settings that say where and how a run was read, not what it learnt.
 WHERE_IT_RAN = frozenset({"device", "workers", "data_root", "download"})
-# Settings a finished run may be continued to, when the epochs it trained keep their learning rates.
-LENGTH_OF_TRAINING = frozenset({"epochs", "tail_epochs"})
 
 
 def train_and_evaluate(recipe_ids: Sequence[str], preset: str, runs_root: Path,

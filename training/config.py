@@ -8,6 +8,10 @@ from typing import Any
 
 from .errors import ConfigError
 
+# Settings that only say how long a run trains: a run may continue to other values of them, where the epochs it has
+# trained keep their learning rates (engine.lengthening_problem).
+LENGTH_OF_TRAINING = frozenset({"epochs", "tail_epochs"})
+
 
 @dataclass
 class TrainConfig:

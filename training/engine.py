@@ -38,7 +38,7 @@ from .checkpoint import (
     weights_digest,
     write_json,
 )
-from .config import TrainConfig
+from .config import LENGTH_OF_TRAINING, TrainConfig
 from .data import load_dataset, plain_train_set
 from .devices import attack_autocast, default_device, step_autocast
 from .environment import device_name
@@ -270,7 +270,7 @@ class Trainer:
             raise CheckpointError(f"{self.run_dir / LAST} carries no training state of this version; start over with --force")
         saved = TrainConfig(**state["config"])
         # Everything but the length of training and where it runs must match to continue exactly.
-        diffs = self.config.changed_settings(saved, ignore=frozenset({"epochs", "tail_epochs", "device", "workers"}))
+        diffs = self.config.changed_settings(saved, ignore=LENGTH_OF_TRAINING | {"device", "workers"})
         problem = (f"it was trained with different {', '.join(diffs)}" if diffs
                    else lengthening_problem(saved, self.config, self.stages, state))
         if problem:

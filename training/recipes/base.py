@@ -181,13 +181,14 @@ class Recipe(ABC):
             raise ConfigError(f"recipe {self.id!r} cannot start from a {config.base!r} run; bases: {allowed}")
         if config.select_by not in ("robust", "clean", "last"):
             raise ConfigError(f"select_by must be robust, clean or last, got {config.select_by!r}")
-        unknown = set(config.stages) - {stage.name for stage in self.stages(config)}
+        stages = self.stages(config)
+        unknown = set(config.stages) - {stage.name for stage in stages}
         if unknown:
             raise ConfigError(f"recipe {self.id!r} has no stage(s) {', '.join(sorted(unknown))}; stages: "
-                              f"{', '.join(stage.name for stage in self.stages(config))}")
-        for stage in self.stages(config):
+                              f"{', '.join(stage.name for stage in stages)}")
+        for stage in stages:
             staged = config.for_stage(stage.name)
-            if staged.tail_epochs and not (staged.schedule == "cosine" and 0 <= staged.tail_epochs < staged.epochs):
+            if staged.tail_epochs and not (staged.schedule == "cosine" and 0 < staged.tail_epochs < staged.epochs):
                 raise ConfigError(f"tail_epochs ({staged.tail_epochs}) is the constant end of a cosine schedule and must "
                                   f"be fewer than its epochs ({staged.epochs}); {stage.name} has a {staged.schedule} one")
         return config
