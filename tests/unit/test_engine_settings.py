@@ -111,6 +111,26 @@ def test_a_run_is_converged_when_its_last_third_rose_less_than_a_point():
     assert a_point["val_robust_acc"] < 0.01 and not a_point["flat"]
 
 
+def test_the_rise_is_read_on_the_line_fitted_through_the_last_third():
+    """One epoch's validation figure moves by about a point from the next: two single epochs once made ACT's flat
+    tail rise exactly a point (its PGD-10 accuracy over epochs 30-45 below, 75.6 -> 76.6), and one low last epoch
+    would hide a steady rise."""
+    from training.runs import validation_rise
+
+    def stage(robust):
+        return {"name": "act", "history": [{"epoch": i + 1, "val_clean_acc": 0.83, "val_robust_acc": r}
+                                           for i, r in enumerate(robust)]}
+
+    act_tail = [0.756, 0.748, 0.752, 0.751, 0.749, 0.748, 0.757, 0.759, 0.756, 0.754, 0.749, 0.751, 0.753, 0.761,
+                0.753, 0.766]
+    noisy_flat = validation_rise({"stages": [stage([0.70] * 29 + act_tail)]})
+    assert (noisy_flat["from_epoch"], noisy_flat["to_epoch"]) == (30, 45)
+    assert noisy_flat["val_robust_acc"] == pytest.approx(0.0075, abs=5e-4) and noisy_flat["flat"]
+    steady = [0.70 + 0.001 * i for i in range(15)] + [0.705]  # 1.4 points over the third, then one low epoch
+    rising = validation_rise({"stages": [stage([0.70] * 29 + steady)]})
+    assert steady[-1] - steady[0] < 0.01 and rising["val_robust_acc"] > 0.01 and not rising["flat"]
+
+
 def test_the_code_version_is_read_once_per_process(monkeypatch):
     """A trades run on two cores takes most of an hour; a commit made meanwhile once went into its defense.json as
     the code it ran. The first reading is kept."""

@@ -34,9 +34,11 @@ QUICK: dict[str, Any] = {
 # 30 cosine epochs clean accuracy rose 2.4 points and 40 were no better than 30; the papers' step schedule at
 # 30 epochs (lr x0.1 at 15 and 18) was flat but 1.5 clean / 2.1 robust worse. Under cosine alone the anneal
 # lifts the last third of the validation curve by 1-3 points at any length, so the convergence rule
-# (runs.validation_rise: less than a point of rise over the last third) could not tell a converged run from a
-# rising one; the tail is that last third, run at an lr that can still learn (pgd_at_ft's 0.005 learnt nothing
-# more in 6 epochs). Its first 30 epochs are the 30-epoch cosine run's, step for step.
+# (runs.validation_rise: less than a point of rise over the last third, on the line fitted through it) could not
+# tell a converged run from a rising one; the tail is that last third, run at an lr that can still learn
+# (pgd_at_ft's 0.005 learnt nothing more in 6 epochs). Its first 30 epochs are the 30-epoch cosine run's, step for
+# step. At 15 tail epochs the fitted line still rose about a point in six runs; at 30 it did not in the four tried so
+# far (docs/standard-zoo-tail/).
 STANDARD_ANNEAL_EPOCHS = 30
 STANDARD: dict[str, Any] = {
     "dataset": "fashion_mnist", "arch": "smallcnn", "epochs": STANDARD_ANNEAL_EPOCHS * 3 // 2,
