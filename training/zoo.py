@@ -91,9 +91,13 @@ def add_run(run_dir: Path, zoo_root: Path = ZOO_ROOT, *, command: str, data_root
         for name in REBUILT:  # rebuilt by clean_accuracy; never part of the entry
             (staging / name).unlink(missing_ok=True)
         write_json(staging / ZOO_JSON, record)
+        # The older entry is moved aside, not deleted, before the new one takes its name: a failure in between
+        # leaves the older entry under its hidden name instead of no entry at all.
+        replaced = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.old.", dir=zoo_root)) / "entry"
         if target.exists():
-            shutil.rmtree(target)
+            target.rename(replaced)
         staging.rename(target)
+        shutil.rmtree(replaced.parent, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

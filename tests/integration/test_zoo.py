@@ -46,6 +46,10 @@ def test_an_entry_is_the_run_without_training_state_and_reproduces_its_record(se
     assert all(recorded == measured for recorded, measured in pairs.values())
     assert sha256_file(that / MEMORY_BANK) == sha256_file(served_runs["that"] / MEMORY_BANK)  # deterministic
 
+    replaced = add_run(served_runs["pgd_at"], zoo, command="robustserve run --preset standard, continued")
+    assert replaced == pgd_at and json.loads((pgd_at / ZOO_JSON).read_text())["command"].endswith("continued")
+    assert sorted(p.name for p in zoo.iterdir()) == sorted([that.name, pgd_at.name])  # nothing left aside
+
     (pgd_at / "report.md").write_text("edited\n")
     with pytest.raises(CheckpointError, match="report.md does not match"):
         check_entry(pgd_at)
