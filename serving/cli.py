@@ -136,8 +136,12 @@ def train_overrides(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from training.engine import train
     from training.recipes import get_recipe
+    from training.runs import LAST, run_dir_for
 
     config = get_recipe(args.recipe).config(args.preset, **train_overrides(args))
+    out = Path(args.out) if args.out else run_dir_for(config)
+    if args.resume and not (out / LAST).exists():  # a mistyped --out would otherwise train for hours from nothing
+        print(f"robustserve: nothing to resume in {out} (no {LAST}): training it from the first epoch", file=sys.stderr)
     run_dir = train(config, args.out, resume=args.resume, force=args.force, progress=not args.no_progress)
     print(f"run saved in {run_dir}")
     return 0

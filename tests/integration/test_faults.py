@@ -306,6 +306,15 @@ def test_missing_or_corrupt_data_is_one_line_naming_the_fix(learnable_fashion_mn
 
 
 @pytest.mark.slow
+def test_resuming_a_folder_without_a_checkpoint_says_it_trains_from_the_first_epoch(learnable_fashion_mnist, tmp_path):
+    """`--resume` into a mistyped --out once started hours of training from nothing without a word."""
+    out = tmp_path / "no-such-run"
+    result = cli("train", "pgd_at", "--out", str(out), "--resume", *TRAIN_FLAGS)
+    assert result.returncode == 0, result.stderr
+    assert f"nothing to resume in {out}" in result.stderr and (out / LAST).exists()
+
+
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_resumed_is_one_line_and_left_alone(learnable_fashion_mnist, tmp_path):
     run_dir = train(tiny_config("pgd_at"), tmp_path / "run", progress=False)
     before = {name: sha256(run_dir / name) for name in (LAST, BEST, DEFENSE_JSON)}
