@@ -541,13 +541,16 @@ def format_report(report: dict[str, Any]) -> str:
     """``report.md``: per serving mode one row per attack, the per-image worst case and the reliability
     check; then the sweep."""
     s, run = report["settings"], report["run"]
+    reused = sum(bool(row.get("reused")) for row in report["results"])
+    # A report assembled from stored rows took seconds; say so, or "0 s" reads as the evaluation's cost.
+    stored = f" ({reused} of {len(report['results'])} rows read back from eval_rows/)" if reused else ""
     lines = [
         f"# Evaluation: {_title(report)}",
         "",
         f"Run `{run['run_dir']}` ({run['weights']} weights, preset {run['preset']}), threat model "
         f"{s['norm']} eps {s['eps']:g}; {s['n']} of {s['test_size']} test images ({s['subset']}), "
         f"{s['autoattack_n']} of them for {s['autoattack_label']}, the surfaces' APGD and Square; device "
-        f"{s.get('measured_on', s['device'])}, seed {s['seed']}, {s['evaluated_at']}, {_duration(s['seconds'])}. "
+        f"{s.get('measured_on', s['device'])}, seed {s['seed']}, {s['evaluated_at']}, {_duration(s['seconds'])}{stored}. "
         f"Accuracies are % with their 95% Wilson interval and n. Attacks \"via X\" are crafted on the attack "
         f"surface X, \"from X\" on another model X (transfer); all are judged by the served mode.",
     ]
@@ -712,7 +715,8 @@ def where_rows_were_measured(reports: Sequence[dict[str, Any]]) -> str:
         for row in report["results"]:
             where = row.get("measured_on", "a device not recorded (rows stored before rows named it)")
             counts[where] = counts.get(where, 0) + 1
-    return "Attack rows measured on: " + "; ".join(f"{where}, {k}" for where, k in sorted(counts.items())) + "."
+    return "Attack rows measured on: " + "; ".join(f"{where}: {k} {'row' if k == 1 else 'rows'}"
+                                                   for where, k in sorted(counts.items())) + "."
 
 
 def format_results_table(reports: Sequence[dict[str, Any]], references: dict[str, str] | None = None) -> str:

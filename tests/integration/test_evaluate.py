@@ -259,8 +259,11 @@ def test_each_row_names_the_device_that_measured_it(run_dir, tmp_path):
     assert table["PGD-2 CE"].endswith("(stored; NVIDIA H200) |")
     assert table["PGD-2 CW margin"].endswith("(stored; device not recorded) |")
     assert table["PGD-2 DLR"].endswith("(stored) |")
-    assert (f"Attack rows measured on: NVIDIA H200, 1; a device not recorded (rows stored before rows named it), 1; "
-            f"{here}, 2.") in results_header([second])
+    reused = sum(row["reused"] for row in second["results"])
+    assert reused >= 3 and f"({reused} of {len(second['results'])} rows read back from eval_rows/)" in (
+        copy_dir / REPORT_MD).read_text()  # not "0 s" alone, as if the evaluation had cost nothing
+    assert (f"Attack rows measured on: NVIDIA H200: 1 row; a device not recorded (rows stored before rows named it): "
+            f"1 row; {here}: 2 rows.") in results_header([second])
 
 
 def test_wrong_dataset_is_a_clear_error(run_dir, tmp_path):
