@@ -38,7 +38,8 @@ QUICK: dict[str, Any] = {
 # tell a converged run from a rising one; the tail is that last third, run at an lr that can still learn
 # (pgd_at_ft's 0.005 learnt nothing more in 6 epochs). Its first 30 epochs are the 30-epoch cosine run's, step for
 # step. At 15 tail epochs the fitted line still rose a little over a point in four runs; at 30 (continued to
-# 60 epochs, docs/standard-zoo-tail/) `pgd_at`, `mart` and `act` were flat and `trades` still rose.
+# 60 epochs, docs/standard-zoo-tail/) `pgd_at`, `mart` and `act` were flat, `trades` and `consistency_at` rose a
+# little over a point.
 STANDARD_ANNEAL_EPOCHS = 30
 STANDARD: dict[str, Any] = {
     "dataset": "fashion_mnist", "arch": "smallcnn", "epochs": STANDARD_ANNEAL_EPOCHS * 3 // 2,
