@@ -142,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run_dir_for(config)
     if args.resume and not (out / LAST).exists():  # a mistyped --out would otherwise train for hours from nothing
         print(f"robustserve: nothing to resume in {out} (no {LAST}): training it from the first epoch", file=sys.stderr)
-    run_dir = train(config, args.out, resume=args.resume, force=args.force, progress=not args.no_progress)
+    run_dir = train(config, out, resume=args.resume, force=args.force, progress=not args.no_progress)
     print(f"run saved in {run_dir}")
     return 0
 

@@ -20,6 +20,7 @@ serving worker uses instead of this module and its imports.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -174,16 +175,10 @@ def _last_third_rise(history: list[dict[str, Any]]) -> dict[str, Any]:
     # steady rise behind one low last epoch. With two epochs in the window the line is their difference.
     window = history[max(len(history) - len(history) // 3 - 1, 0):]
     epochs = [entry["epoch"] for entry in window]
+    span = epochs[-1] - epochs[0]
     return {"from_epoch": epochs[0], "to_epoch": epochs[-1],
-            **{key: _fitted_slope(epochs, [entry[key] for entry in window]) * (epochs[-1] - epochs[0])
+            **{key: statistics.linear_regression(epochs, [entry[key] for entry in window]).slope * span if span else 0.0
                for key in VALIDATION_KEYS}}
-
-
-def _fitted_slope(x: list[float], y: list[float]) -> float:
-    """The least-squares slope of y on x (0 for a single point)."""
-    mean_x, mean_y = sum(x) / len(x), sum(y) / len(y)
-    spread = sum((xi - mean_x) ** 2 for xi in x)
-    return sum((xi - mean_x) * (yi - mean_y) for xi, yi in zip(x, y, strict=True)) / spread if spread else 0.0
 
 
 def spec_from_info(info: dict[str, Any]) -> DatasetSpec:

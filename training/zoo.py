@@ -93,11 +93,12 @@ def add_run(run_dir: Path, zoo_root: Path = ZOO_ROOT, *, command: str, data_root
         write_json(staging / ZOO_JSON, record)
         # The older entry is moved aside, not deleted, before the new one takes its name: a failure in between
         # leaves the older entry under its hidden name instead of no entry at all.
-        replaced = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.old.", dir=zoo_root)) / "entry"
-        if target.exists():
-            target.rename(replaced)
+        aside = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.old.", dir=zoo_root)) if target.exists() else None
+        if aside:
+            target.rename(aside / "entry")
         staging.rename(target)
-        shutil.rmtree(replaced.parent, ignore_errors=True)
+        if aside:
+            shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
