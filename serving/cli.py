@@ -325,6 +325,8 @@ def _configure_zoo(p: argparse.ArgumentParser) -> None:
 @command("zoo", "the committed model zoo (model_store/zoo): add standard runs, check them, list them", _configure_zoo)
 def cmd_zoo(args: argparse.Namespace) -> int:
     from training import zoo
+    from training.run_files import read_defense_json
+    from training.runs import describe_rise, validation_rise
 
     if args.action == "add":
         if not args.runs:
@@ -335,8 +337,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     for recipe, entry in zoo.entries(args.zoo).items():
         record = json.loads((entry / zoo.ZOO_JSON).read_text())
         figures = ", ".join(f"{mode} {acc['accuracy']:.1%}" for mode, acc in record["clean_accuracy"].items())
-        rise = record["validation_rise"]
-        figures += "; converged" if rise["flat"] else f"; NOT flat over the last third of {', '.join(rise['rising_stages'])}"
+        figures += f"; {describe_rise(validation_rise(read_defense_json(entry)))}"
         if args.action == "check":
             zoo.check_entry(entry, args.data_root)
         print(f"{recipe:<15} {entry}  clean: {figures}  ({record['code_version']}){'  ok' if args.action == 'check' else ''}")

@@ -85,7 +85,7 @@ def test_bf16_autocast_only_where_native(tmp_path):
 
 
 def test_a_run_is_converged_when_its_last_third_rose_less_than_a_point():
-    from training.runs import validation_rise
+    from training.runs import describe_rise, validation_rise
 
     def stage(name, clean, robust):
         return {"name": name, "history": [{"epoch": i + 1, "val_clean_acc": c, "val_robust_acc": r}
@@ -104,6 +104,8 @@ def test_a_run_is_converged_when_its_last_third_rose_less_than_a_point():
     tail_of_rising = validation_rise({"stages": [rising_stage, fine_tune]})
     assert not tail_of_rising["flat"] and tail_of_rising["rising_stages"] == ["pgd_at"]
     assert tail_of_rising["from_epoch"] == 2 and tail_of_rising["to_epoch"] == 3  # the figures are the last stage's
+    # `robustserve zoo list` shows the figures of the stage that rises (too few epochs here for an interval).
+    assert describe_rise(tail_of_rising) == "NOT flat over the last third of pgd_at (epochs 4-6: clean +3.0, PGD +0.0)"
     # Ten images more of 1,000 is a point, not less, though float32 validation figures make it 0.00999999 (ACT's
     # tail, 75.6 -> 76.6).
     as_float32 = [torch.tensor(v).item() for v in (0.75, 0.756, 0.756, 0.766)]
@@ -115,7 +117,7 @@ def test_the_rise_is_read_on_the_line_fitted_through_the_last_third():
     """One epoch's validation figure moves by about a point from the next: two single epochs once made ACT's flat
     tail rise exactly a point (its PGD-10 accuracy over epochs 30-45 below, 75.6 -> 76.6), and one low last epoch
     would hide a steady rise."""
-    from training.runs import validation_rise
+    from training.runs import describe_rise, validation_rise
 
     def stage(robust):
         return {"name": "act", "history": [{"epoch": i + 1, "val_clean_acc": 0.83, "val_robust_acc": r}
@@ -126,6 +128,8 @@ def test_the_rise_is_read_on_the_line_fitted_through_the_last_third():
     noisy_flat = validation_rise({"stages": [stage([0.70] * 29 + act_tail)]})
     assert (noisy_flat["from_epoch"], noisy_flat["to_epoch"]) == (30, 45)
     assert noisy_flat["val_robust_acc"] == pytest.approx(0.0075, abs=5e-4) and noisy_flat["flat"]
+    # Flat by the rule, and a rise of a point is inside its interval: the line says how near the verdict is.
+    assert describe_rise(noisy_flat) == "converged (epochs 30-45: clean +0.0 [+0.0, +0.0], PGD +0.7 [-0.1, +1.6])"
     steady = [0.70 + 0.001 * i for i in range(15)] + [0.705]  # 1.4 points over the third, then one low epoch
     rising = validation_rise({"stages": [stage([0.70] * 29 + steady)]})
     assert steady[-1] - steady[0] < 0.01 and rising["val_robust_acc"] > 0.01 and not rising["flat"]

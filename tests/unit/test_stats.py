@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 
 import pytest
-from scipy.stats import binomtest
+from scipy.stats import binomtest, linregress
+from scipy.stats import t as student_t
 
 from training.stats import (
+    fitted_rise,
     format_difference,
     format_proportion,
     mcnemar_exact_p,
     paired_difference,
     proportion,
+    t_quantile_975,
     verdict,
     wilson_interval,
 )
@@ -105,3 +108,23 @@ def test_paired_difference_rejects_unpaired_input() -> None:
         paired_difference([True, False], [True])
     with pytest.raises(ValueError, match="no images"):
         paired_difference([], [])
+
+
+@pytest.mark.parametrize("df", [3, 5, 13, 18, 30, 200])
+def test_the_t_quantile_is_student_s(df: int) -> None:
+    assert t_quantile_975(df) == pytest.approx(student_t.ppf(0.975, df), rel=2e-3)
+
+
+def test_the_fitted_rise_and_its_interval_are_the_regression_s() -> None:
+    """ACT's validation PGD-10 accuracy over epochs 30-45 at the 45-epoch preset: its line, and the slope's 95%
+    interval from scipy's standard error, times the 15 epochs."""
+    epochs = list(range(30, 46))
+    robust = [75.6, 74.8, 75.2, 75.1, 74.9, 74.8, 75.7, 75.9, 75.6, 75.4, 74.9, 75.1, 75.3, 76.1, 75.3, 76.6]
+    rise, fit = fitted_rise(epochs, robust), linregress(epochs, robust)
+    half = student_t.ppf(0.975, len(epochs) - 2) * fit.stderr * 15
+    assert rise.rise == pytest.approx(fit.slope * 15)
+    assert (rise.low, rise.high) == (pytest.approx(fit.slope * 15 - half, rel=1e-3),
+                                     pytest.approx(fit.slope * 15 + half, rel=1e-3))
+    assert rise.low < 0 < 1 < rise.high  # flat by the rule (+0.7), and a point within the noise
+    short = fitted_rise([4, 5, 6], [1.0, 2.0, 2.0])
+    assert short.rise == pytest.approx(1.0) and short.low is short.high is None  # too few epochs for an interval
