@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import time
 import urllib.parse
 import zipfile
@@ -222,9 +223,25 @@ class Endpoint:
 
     @functools.cached_property
     def path(self) -> str:
-        """What a client POSTs the raw image to: ``/predictions/<model>?<options>`` (built once, not per request)."""
+        """What a client POSTs the raw image to: ``/<model>/predict?<options>`` (built once, not per request). Not
+        ``/predictions/<model>``: TorchServe drops the query string there unseen, so until 2026-12-05 every
+        "head=both", "mode=raw" and "k=" row measured the model's default behaviour."""
         query = "?" + urllib.parse.urlencode(self.options) if self.options else ""
-        return f"/predictions/{self.model}{query}"
+        return f"/{self.model}/predict{query}"
+
+
+def check_behaviour(client: Client, endpoint: Endpoint, body: bytes) -> None:
+    """One request to ``endpoint``; raises unless it is answered with the behaviour its label names: a 200, in the
+    mode its ``head`` or ``mode`` option asks for, with ``k`` neighbours when it asks for k."""
+    status, raw = client.request("POST", endpoint.path, body, "image/png")
+    reply = json.loads(raw) if status == 200 else {}
+    asked_mode = endpoint.options.get("head", endpoint.options.get("mode"))
+    asked_k = endpoint.options.get("k")
+    if (status != 200 or (asked_mode is not None and reply.get("mode") != asked_mode)
+            or (asked_k is not None and len(reply.get("neighbours", ())) != int(asked_k))):
+        raise BenchmarkError(f"{endpoint.label}: POST {endpoint.path} was not answered with what it asks for "
+                             f"(HTTP {status}, mode {reply.get('mode')!r}, {len(reply.get('neighbours', ()))} "
+                             "neighbours): its figures would be another behaviour's")
 
 
 def endpoints(knn_k: int, resnet: bool) -> list[Endpoint]:

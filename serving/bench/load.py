@@ -50,6 +50,7 @@ from .common import (
     Endpoint,
     Reply,
     add_run_options,
+    check_behaviour,
     endpoints,
     eval_images,
     find_runs,
@@ -270,6 +271,8 @@ def bench_load(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path]
             token = read_keys(settings)["inference"]
             # One request per endpoint first: a model's first call (ONNX Runtime's first run) is not the load's.
             client = Client(settings.inference_address, token=token, timeout=REQUEST_TIMEOUT_S)
+            for point in points:
+                check_behaviour(client, point, bodies[0])
             warmup = failures([send(client, point, bodies[0]) for point in points])
             result["warmup"] = {"requests": len(points), "failed": warmup["failed"],
                                 "failure_examples": warmup["failure_examples"]}

@@ -60,6 +60,7 @@ from .common import (
     Endpoint,
     Reply,
     add_run_options,
+    check_behaviour,
     endpoints,
     eval_images,
     find_runs,
@@ -231,6 +232,7 @@ def bench_rest(url: str, token: str, points: Sequence[Endpoint], images: Mapping
     """Part 1: per endpoint and client count, after a warm-up of max(20, 2 x clients) requests."""
     results: dict[str, dict[str, float]] = {}
     for endpoint in points:
+        check_behaviour(Client(url, token=token), endpoint, images[endpoint.images][0])
         figures: dict[str, float] = {}
         for n in clients:
             # Warm-up: the first endpoint measured also pays for the JVM warming up (measured: its c1 p50 ~1.7x

@@ -161,6 +161,23 @@ def test_knn_flat_against_ivf(result, served_runs):
             assert ivfs[f"ivf nprobe={bank['nlist']}"]["recall"] == 1.0
 
 
+def test_an_endpoint_answered_with_another_behaviour_stops_the_benchmark(served, served_runs):
+    """Every row of the ``result`` fixture passed ``check_behaviour``; here the route the benchmarks took before
+    2026-12-05, on which TorchServe drops the query: "dhat head=both" was answered by the default head."""
+    from serving.bench.common import BenchmarkError, Endpoint, check_behaviour, eval_images
+    from serving.server import read_keys
+
+    client = Client(served.inference_address, token=read_keys(served)["inference"])
+    image = eval_images(served_runs["pgd_at"], 1)[1][0]
+    both = Endpoint("dhat head=both", "dhat", {"head": "both"})
+    check_behaviour(client, both, image)
+    both.__dict__["path"] = "/predictions/dhat?head=both"  # what the cached path was
+    with pytest.raises(BenchmarkError, match="mode 'main'"):
+        check_behaviour(client, both, image)
+    with pytest.raises(BenchmarkError, match="HTTP 403"):  # raw scores are not served for a secret pairing
+        check_behaviour(client, Endpoint("ducat mode=raw", "ducat", {"mode": "raw"}), image)
+
+
 def test_find_runs_by_folder_name(served_runs, tmp_path):
     for recipe in RECIPES:
         (tmp_path / f"{recipe}-quick-fashion_mnist-smallcnn").symlink_to(served_runs[recipe])

@@ -2,10 +2,10 @@
 
 ``served_proxy`` (conftest) puts Debian's nginx in front of the session's TorchServe: TLS with a certificate made
 at start, 2 s client timeouts, 5 requests per second and client in bursts of 10. Here: replies through it are
-TorchServe's own; only the inference API is forwarded; a client over its rate gets JSON 429s while another
-client is unaffected; the key and the proxy's folder are private. ``robustserve serve start --proxy`` starts
-TorchServe and nginx together and ``serve stop`` stops both. The slow and oversized clients are in the
-bad-input corpus (``test_hardening.py``).
+TorchServe's own; only the inference API is forwarded; a query TorchServe would drop is refused; a client over its
+rate gets JSON 429s while another client is unaffected; the key and the proxy's folder are private. ``robustserve
+serve start --proxy`` starts TorchServe and nginx together and ``serve stop`` stops both. The slow and oversized
+clients are in the bad-input corpus (``test_hardening.py``).
 """
 
 from __future__ import annotations
@@ -69,6 +69,22 @@ def test_replies_through_the_proxy_are_torchserves(served, served_proxy, keys, i
     assert status == 415 and json.loads(body)["model"] == "pgd_at"
     status, _, body = request(served_proxy, "POST", "/predictions/pgd_at", "not-the-key", image)
     assert status == 400 and "InvalidKeyException" in body.decode()
+
+
+def test_a_query_torchserve_would_drop_is_refused_not_ignored(served, served_proxy, keys, image):
+    """Direct, TorchServe serves `/predictions/dhat?head=both` with the default head: it drops the query before the
+    handler sees it. Through the proxy the same request is a JSON 400 that says where the parameter goes."""
+    direct = Client(served.inference_address, token=keys["inference"])
+    status, body = direct.request("POST", "/predictions/dhat?head=both", image, "image/png")
+    assert status == 200 and json.loads(body)["mode"] == "main"  # the silent default the proxy refuses
+    for path in ("/predictions/dhat?head=both", "/predictions/dhat/1.0?head=both", "/explanations/pgd_at?x=1"):
+        status, content_type, body = request(served_proxy, "POST", path, keys["inference"], image)
+        assert (status, content_type) == (400, "application/json"), path
+        assert "X-Head" in json.loads(body)["error"] and json.loads(body)["status"] == 400
+    status, _, body = request(served_proxy, "POST", "/predictions/dhat", keys["inference"], image)
+    assert status == 200 and json.loads(body)["mode"] == "main"  # no query: forwarded as before
+    status, _, body = request(served_proxy, "POST", "/dhat/predict?head=both", keys["inference"], image)
+    assert status == 200 and json.loads(body)["mode"] == "both"
 
 
 @pytest.mark.parametrize(("method", "path"), [("GET", "/models"), ("GET", "/api-description"), ("OPTIONS", "/"),

@@ -21,4 +21,4 @@ def test_failures_are_counted_by_status_and_endpoint():
     assert figures["failure_examples"] == ["a: HTTP 507: {}", "b: no reply: connection refused"]
     assert figures["wall_s"] == pytest.approx(1.0) and figures["throughput_req_s"] == pytest.approx(4.0)
     assert figures["endpoints"]["b"]["failed"] == 1 and figures["endpoints"]["b"]["req_s"] == pytest.approx(2.0)
-    assert points[1].path == "/predictions/m?head=both"
+    assert points[1].path == "/m/predict?head=both"  # not /predictions/m: TorchServe drops the query there
