@@ -1,0 +1,23 @@
+"""Does the tail's rise slow down? For each run continued in /work/tail-exp (argument: its runs folder), validation
+clean / PGD-10 accuracy's rise along the least-squares line through each 15-epoch block of the constant tail
+(epochs 31-45, 46-60, and 61-75, 76-90 where the run went on to 90), and over the last third (the convergence rule's
+figure, runs.validation_rise), each with its 95% interval (training.stats.fitted_rise), in points."""
+import glob, json, sys
+sys.path.insert(0, '/work/main')
+from training.stats import fitted_rise
+
+def cell(h, key):
+    r = fitted_rise([e['epoch'] for e in h], [100 * e[key] for e in h])
+    return f"{r.rise:+.1f} [{r.low:+.1f}, {r.high:+.1f}]"
+
+def cells(h):
+    return f"{cell(h, 'val_clean_acc')} / {cell(h, 'val_robust_acc')}"
+
+for d in sorted(glob.glob(f'{sys.argv[1]}/*/')):
+    info = json.load(open(d + 'defense.json'))
+    h = info['stages'][-1]['history']
+    if not info['finished']:
+        continue
+    blocks = " | ".join(cells(h[a:a + 15]) for a in range(30, 90, 15) if len(h) >= a + 15)
+    blocks += " | -" * (4 - blocks.count("|") - 1)
+    print(f"| `{info['defense']}` ({len(h)}) | {blocks} | {cells(h[len(h) - len(h) // 3 - 1:])} |")
