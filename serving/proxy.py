@@ -19,9 +19,9 @@ and metrics APIs, and every other path, are a JSON 404. It answers what it refus
 the runtime's (``{"error": ..., "status": ...}``): 408 for a client too slow to send its headers or body,
 413 for a body over ``max_body_bytes`` (from ``Content-Length``, before anything is forwarded), 429 for a
 client over its request rate (``limit_req``, per client address) or connection count, 497 for plain HTTP
-on the TLS port, 502/504 when TorchServe does not answer, 400 for a query string on ``/predictions`` or
-``/explanations`` (TorchServe would drop it unseen: a ``?head=both`` there would serve the default head). TorchServe's
-own replies pass unchanged.
+on the TLS port, 502/504 when TorchServe does not answer, 400 for a query string on ``/predictions``,
+``/explanations``, ``/v1/models`` or ``/v2/models`` (TorchServe would drop it unseen: a ``?head=both`` there would
+serve the default head). TorchServe's own replies pass unchanged.
 """
 
 from __future__ import annotations
@@ -53,13 +53,14 @@ PROXY_DIR = "proxy"  # in the server's state_dir
 # The inference API's routes (TorchServe 0.12) as nginx locations: exact paths, and one regex for the rest
 # (a prefix location ending in "/" would redirect the bare path to it, a 301 to nowhere useful).
 INFERENCE_EXACT = ("/ping", "/invocations")
-INFERENCE_ROUTES = r"^/((v1/models|v2/models)/|[^/]+/predict$)"
-# TorchServe drops the query string on these routes before the handler sees the request: `?head=both` would
-# silently serve the default head, so the proxy refuses a query there instead of forwarding it.
-QUERY_DROPPED_ROUTES = r"^/(predictions|explanations)/"
-QUERY_DROPPED = ("TorchServe drops query parameters on /predictions/{model} and /explanations/{model}, so this "
-                 "one would be ignored: send it in the JSON body, a form field or a header (X-Head, X-Mode, X-K, "
-                 "X-Top-K), or as a query on /{model}/predict")
+INFERENCE_ROUTES = r"^/[^/]+/predict$"
+# TorchServe 0.12 drops the query string on these routes before the handler sees the request (only /{model}/predict
+# and /invocations pass it on): `?head=both` would silently serve the default head, so the proxy refuses a query
+# there instead of forwarding it.
+QUERY_DROPPED_ROUTES = r"^/(predictions|explanations|v1/models|v2/models)/"
+QUERY_DROPPED = ("TorchServe drops query parameters on /predictions, /explanations and the KServe /v1 and /v2 "
+                 "routes, so this one would be ignored: send it in the JSON body, a form field or a header (X-Head, "
+                 "X-Mode, X-K, X-Top-K), or as a query on /{model}/predict or /invocations?model_name={model}")
 CERT_DAYS = 30  # the self-signed certificate is made again at every start
 
 
@@ -182,8 +183,8 @@ def nginx_config(settings: ProxySettings) -> str:
     listen = f"[{settings.host}]" if ":" in settings.host else settings.host
     forward = "proxy_pass http://torchserve;"
     locations = [*(f"        location = {path} {{ {forward} }}" for path in INFERENCE_EXACT),
-                 f'        location ~ "{QUERY_DROPPED_ROUTES}" {{ if ($args) {{ return 400 {_json_error(400, QUERY_DROPPED)}; }} '
-                 f"{forward} }}",
+                 f'        location ~ "{QUERY_DROPPED_ROUTES}" {{ '
+                 f'if ($args != "") {{ return 400 {_json_error(400, QUERY_DROPPED)}; }} {forward} }}',
                  f'        location ~ "{INFERENCE_ROUTES}" {{ {forward} }}',
                  f"        location / {{ return 404 {_json_error(404, errors[404])}; }}"]
     error_pages = [f"        error_page {status} = @error{status};" for status in errors if status != 404]

@@ -170,8 +170,8 @@ def validation_rise(info: dict[str, Any]) -> dict[str, Any]:
 
 def describe_rise(rise: dict[str, Any]) -> str:
     """``validation_rise`` in one line: the verdict, then each rising stage's rises over its last third (the last
-    stage's when none rises) with their intervals, in points: ``converged (epochs 30-45: clean +0.5 [-0.5, +1.4],
-    PGD +0.7 [+0.0, +1.5])``."""
+    stage's when none rises) with their intervals, in points: ``converged (epochs 30-45: clean +0.5 [-0.6, +1.5],
+    PGD +0.7 [-0.1, +1.6])`` (the zoo's `act`)."""
     def figure(stage: dict[str, Any], key: str) -> str:
         interval = stage["ci95"][key]
         return f"{100 * stage[key]:+.1f}" + (f" [{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}]" if interval else "")
@@ -191,7 +191,7 @@ def _last_third_rise(history: list[dict[str, Any]]) -> dict[str, Any]:
     # 0.5-1 point from the next (docs/standard-zoo-tail/), so two single epochs made a flat curve "rise" a point
     # about one time in four (ACT: +1.0 at 45 epochs, +1.4 at 60, its fitted line +0.7 and +0.6) and could hide a
     # steady rise behind one low last epoch. With two epochs in the window the line is their difference. The rule
-    # reads the rise itself; its interval (about +-0.6-1.2 points over 15-20 epochs) says how near the point a verdict is.
+    # reads the rise itself; its interval (+-0.5-1.8 points over 15-20 epochs) says how near the point a verdict is.
     window = history[max(len(history) - len(history) // 3 - 1, 0):]
     epochs = [entry["epoch"] for entry in window]
     rises = {key: fitted_rise(epochs, [entry[key] for entry in window]) for key in VALIDATION_KEYS}

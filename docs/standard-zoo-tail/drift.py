@@ -2,9 +2,13 @@
 clean / PGD-10 accuracy's rise along the least-squares line through each 15-epoch block of the constant tail
 (epochs 31-45, 46-60, and 61-75, 76-90 where the run went on to 90), and over the last third (the convergence rule's
 figure, runs.validation_rise), each with its 95% interval (training.stats.fitted_rise), in points."""
-import glob, json, sys
+import glob
+import json
+import sys
+
 sys.path.insert(0, '/work/main')
 from training.stats import fitted_rise
+
 
 def cell(h, key):
     r = fitted_rise([e['epoch'] for e in h], [100 * e[key] for e in h])

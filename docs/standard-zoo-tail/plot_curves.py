@@ -2,9 +2,13 @@
 last stage, each at its longest continuation in /work/tail-exp (runs90/ over runs/), and `trades_ft` drawn on from
 `trades`' 45 epochs (it starts from them: a second cosine cycle at lr 0.01). Grey lines: end of the anneal (30) and
 the 45- and 60-epoch presets' ends."""
-import glob, json, os
+import glob
+import json
+import os
+
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
 
 def history(path):
     return json.load(open(path))['stages'][-1]['history']

@@ -269,7 +269,8 @@ def bench_load(*, runs_root: str | Path = "runs", runs: Mapping[str, str | Path]
         with running(server_settings(tmp / "store", list(folders), tmp / "ts")) as settings:
             clock("start server")
             token = read_keys(settings)["inference"]
-            # One request per endpoint first: a model's first call (ONNX Runtime's first run) is not the load's.
+            # One request per endpoint first: a model's first call (ONNX Runtime's first run) is not the load's,
+            # and an endpoint answered in another mode than its label names would stop the benchmark here.
             client = Client(settings.inference_address, token=token, timeout=REQUEST_TIMEOUT_S)
             for point in points:
                 check_behaviour(client, point, bodies[0])

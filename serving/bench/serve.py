@@ -9,7 +9,8 @@ says what every figure means, ``targets`` sets each goal beside its measured val
 Parts (one function each):
 
 1. ``endpoints``: per endpoint, REST latency p50/p99 and throughput at 1 and 8 concurrent clients,
-   each client a thread sending raw PNG test images (``POST /predictions/<model>?<options>``).
+   each client a thread sending raw PNG test images (``POST /<model>/predict?<options>``), once
+   ``check_behaviour`` has seen the endpoint answer in the mode its label names.
 2. per endpoint too: the fixed per-request overhead, end-to-end p50 at 1 client minus the bare
    forward (the mode's ONNX graph in ONNX Runtime on the same image, batch 1), and their ratio.
 3. ``resnet18``: the same ratio for a ResNet-18 on 32x32 RGB (a ``natural`` run trained for one
@@ -89,7 +90,7 @@ QUICK = {"requests": 16, "repeats": 10, "knn_sizes": (20_000,), "knn_queries": 5
 
 DEFINITIONS = {
     "p50_ms, p99_ms": "median and 99th percentile of per-call wall time (time.perf_counter), milliseconds",
-    "endpoints.<e>.c<N>_p50_ms/_p99_ms": "REST latency with N concurrent clients: one POST /predictions/<model>?"
+    "endpoints.<e>.c<N>_p50_ms/_p99_ms": "REST latency with N concurrent clients: one POST /<model>/predict?"
                                          "<options> of a PNG test image, sent until the reply body is read",
     "endpoints.<e>.c<N>_req_s": "REST throughput: the requests of all N clients / wall time from the first "
                                 "send to the last reply",

@@ -73,11 +73,13 @@ def test_replies_through_the_proxy_are_torchserves(served, served_proxy, keys, i
 
 def test_a_query_torchserve_would_drop_is_refused_not_ignored(served, served_proxy, keys, image):
     """Direct, TorchServe serves `/predictions/dhat?head=both` with the default head: it drops the query before the
-    handler sees it. Through the proxy the same request is a JSON 400 that says where the parameter goes."""
+    handler sees it, as on /explanations and KServe's /v1 and /v2. Through the proxy such a request is a JSON 400 that
+    says where the parameter goes."""
     direct = Client(served.inference_address, token=keys["inference"])
     status, body = direct.request("POST", "/predictions/dhat?head=both", image, "image/png")
     assert status == 200 and json.loads(body)["mode"] == "main"  # the silent default the proxy refuses
-    for path in ("/predictions/dhat?head=both", "/predictions/dhat/1.0?head=both", "/explanations/pgd_at?x=1"):
+    for path in ("/predictions/dhat?head=both", "/predictions/dhat/1.0?head=both", "/explanations/pgd_at?x=1",
+                 "/v1/models/dhat:predict?head=both", "/v2/models/dhat/infer?head=both", "/predictions/dhat?0"):
         status, content_type, body = request(served_proxy, "POST", path, keys["inference"], image)
         assert (status, content_type) == (400, "application/json"), path
         assert "X-Head" in json.loads(body)["error"] and json.loads(body)["status"] == 400

@@ -128,3 +128,5 @@ def test_the_fitted_rise_and_its_interval_are_the_regression_s() -> None:
     assert rise.low < 0 < 1 < rise.high  # flat by the rule (+0.7), and a point within the noise
     short = fitted_rise([4, 5, 6], [1.0, 2.0, 2.0])
     assert short.rise == pytest.approx(1.0) and short.low is short.high is None  # too few epochs for an interval
+    backwards = fitted_rise(epochs[::-1], robust[::-1])  # the same line read from its other end
+    assert (backwards.rise, backwards.low, backwards.high) == pytest.approx((-rise.rise, -rise.high, -rise.low))
