@@ -1,7 +1,8 @@
 """docs/standard-zoo-tail/validation-curves.png: validation clean and PGD-10 accuracy per epoch of the standard runs'
 last stage, each at its longest continuation in /work/tail-exp (runs90/ over runs/), and `trades_ft` drawn on from
-`trades`' 45 epochs (it starts from them: a second cosine cycle at lr 0.01). Grey lines: end of the anneal (30) and
-the 45- and 60-epoch presets' ends."""
+`trades`' 45 epochs (it starts from them: a second cosine cycle at lr 0.01), and `trades` with a 60-epoch anneal
+(runs-anneal60/, exp4.sh, dashed) as far as it has trained. Grey lines: end of the anneal (30) and the 45- and
+60-epoch presets' ends."""
 import glob
 import json
 import os
@@ -20,12 +21,16 @@ for root in ('/work/tail-exp/runs', '/work/tail-exp/runs90'):
 trades45 = history('/work/tail/runs/trades-standard-fashion_mnist-smallcnn/defense.json')
 runs['trades_ft (on trades 45)'] = trades45 + [{**e, 'epoch': 45 + e['epoch']} for e in
                                               history('/work/tail/runs/trades_ft-standard-fashion_mnist-smallcnn/defense.json')]
+anneal60 = '/work/tail-exp/runs-anneal60/trades-standard-fashion_mnist-smallcnn/defense.json'
+if os.path.exists(anneal60):
+    runs['trades (60 + 30)'] = history(anneal60)
 fig = Figure(figsize=(11, 4.6))
 FigureCanvasAgg(fig)
 for column, (key, label) in enumerate((('val_clean_acc', 'clean'), ('val_robust_acc', 'PGD-10'))):
     ax = fig.add_subplot(1, 2, column + 1)
     for index, (name, h) in enumerate(sorted(runs.items())):
-        ax.plot([e['epoch'] for e in h], [100 * e[key] for e in h], label=name, color=f'C{index}', linewidth=1)
+        ax.plot([e['epoch'] for e in h], [100 * e[key] for e in h], label=name, color=f'C{index}', linewidth=1,
+                linestyle='--' if '60 + 30' in name else '-')
     for epoch in (30, 45, 60):
         ax.axvline(epoch, color='grey', linestyle=':', linewidth=1)
     ax.set_xlim(20, max(len(h) for h in runs.values()) + 1)
