@@ -172,13 +172,14 @@ class FittedRise:
 def fitted_rise(xs: Sequence[float], ys: Sequence[float]) -> FittedRise:
     """The slope of the least-squares line through (``xs``, ``ys``) times the span of ``xs``, and its interval from
     the slope's standard error (residuals taken as independent; consecutive validation epochs are nearly so)."""
-    span = xs[-1] - xs[0]
     if len(set(xs)) < 2:
         return FittedRise(0.0, None, None)
     line = statistics.linear_regression(xs, ys)
+    span = xs[-1] - xs[0]
+    rise = line.slope * span
     if len(xs) < 5:
-        return FittedRise(line.slope * span, None, None)
-    mean_x = statistics.fmean(xs)
+        return FittedRise(rise, None, None)
     residual = sum((y - line.slope * x - line.intercept) ** 2 for x, y in zip(xs, ys)) / (len(xs) - 2)
-    half = t_quantile_975(len(xs) - 2) * math.sqrt(residual / sum((x - mean_x) ** 2 for x in xs)) * abs(span)
-    return FittedRise(line.slope * span, line.slope * span - half, line.slope * span + half)
+    spread = (len(xs) - 1) * statistics.variance(xs)  # the sum of squared deviations of xs from their mean
+    half = t_quantile_975(len(xs) - 2) * math.sqrt(residual / spread) * abs(span)
+    return FittedRise(rise, rise - half, rise + half)

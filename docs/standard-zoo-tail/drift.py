@@ -7,6 +7,7 @@ import json
 import sys
 
 sys.path.insert(0, '/work/main')
+from training.runs import validation_rise
 from training.stats import fitted_rise
 
 
@@ -17,11 +18,18 @@ def cell(h, key):
 def cells(h):
     return f"{cell(h, 'val_clean_acc')} / {cell(h, 'val_robust_acc')}"
 
-for d in sorted(glob.glob(f'{sys.argv[1]}/*/')):
-    info = json.load(open(d + 'defense.json'))
-    h = info['stages'][-1]['history']
-    if not info['finished']:
-        continue
-    blocks = " | ".join(cells(h[a:a + 15]) for a in range(30, 90, 15) if len(h) >= a + 15)
-    blocks += " | -" * (4 - blocks.count("|") - 1)
-    print(f"| `{info['defense']}` ({len(h)}) | {blocks} | {cells(h[len(h) - len(h) // 3 - 1:])} |")
+def last_third(stage):
+    """The rule's own figures (runs.validation_rise), in points."""
+    rise = validation_rise({'stages': [stage]})
+    return " / ".join(f"{100 * rise[key]:+.1f} [{100 * rise['ci95'][key][0]:+.1f}, {100 * rise['ci95'][key][1]:+.1f}]"
+                      for key in ('val_clean_acc', 'val_robust_acc'))
+
+if __name__ == '__main__':
+    for d in sorted(glob.glob(f'{sys.argv[1]}/*/')):
+        info = json.load(open(d + 'defense.json'))
+        h = info['stages'][-1]['history']
+        if not info['finished']:
+            continue
+        blocks = " | ".join(cells(h[a:a + 15]) for a in range(30, 90, 15) if len(h) >= a + 15)
+        blocks += " | -" * (4 - blocks.count("|") - 1)
+        print(f"| `{info['defense']}` ({len(h)}) | {blocks} | {last_third(info['stages'][-1])} |")
