@@ -1,7 +1,7 @@
 """docs/standard-zoo-tail/validation-curves.png: validation clean and PGD-10 accuracy per epoch of the standard runs'
 last stage, each at its longest continuation in /work/tail-exp (runs90/ over runs/), and `trades_ft` drawn on from
 `trades`' 45 epochs (it starts from them: a second cosine cycle at lr 0.01), and `trades` with a 60-epoch anneal
-(runs-anneal60/, exp4.sh, dashed) as far as it has trained. Grey lines: end of the anneal (30) and the 45- and
+(runs-anneal60/, exp4.sh, dashed). Grey lines: end of the anneal (30) and the 45- and
 60-epoch presets' ends."""
 import glob
 import json
@@ -18,6 +18,7 @@ runs = {}
 for root in ('/work/tail-exp/runs', '/work/tail-exp/runs90'):
     for d in sorted(glob.glob(f'{root}/*/defense.json')):
         runs[os.path.basename(os.path.dirname(d)).split('-')[0]] = history(d)
+runs['trades (30 + 60)'] = runs.pop('trades')
 trades45 = history('/work/tail/runs/trades-standard-fashion_mnist-smallcnn/defense.json')
 runs['trades_ft (on trades 45)'] = trades45 + [{**e, 'epoch': 45 + e['epoch']} for e in
                                               history('/work/tail/runs/trades_ft-standard-fashion_mnist-smallcnn/defense.json')]
