@@ -1,8 +1,7 @@
 """docs/standard-zoo-tail/validation-curves.png: validation clean and PGD-10 accuracy per epoch of the standard runs'
 last stage, each at its longest continuation in /work/tail-exp (runs90/ over runs/), and `trades_ft` drawn on from
 `trades`' 45 epochs (it starts from them: a second cosine cycle at lr 0.01), and `trades` with a 60-epoch anneal
-(runs-anneal60/, exp4.sh, dashed). Grey lines: end of the anneal (30) and the 45- and
-60-epoch presets' ends."""
+(runs-anneal60/, exp4.sh, dashed). Grey lines: end of the anneal (30) and the 45- and 60-epoch presets' ends."""
 import glob
 import json
 import os
@@ -22,9 +21,7 @@ runs['trades (30 + 60)'] = runs.pop('trades')
 trades45 = history('/work/tail/runs/trades-standard-fashion_mnist-smallcnn/defense.json')
 runs['trades_ft (on trades 45)'] = trades45 + [{**e, 'epoch': 45 + e['epoch']} for e in
                                               history('/work/tail/runs/trades_ft-standard-fashion_mnist-smallcnn/defense.json')]
-anneal60 = '/work/tail-exp/runs-anneal60/trades-standard-fashion_mnist-smallcnn/defense.json'
-if os.path.exists(anneal60):
-    runs['trades (60 + 30)'] = history(anneal60)
+runs['trades (60 + 30)'] = history('/work/tail-exp/runs-anneal60/trades-standard-fashion_mnist-smallcnn/defense.json')
 fig = Figure(figsize=(11, 4.6))
 FigureCanvasAgg(fig)
 for column, (key, label) in enumerate((('val_clean_acc', 'clean'), ('val_robust_acc', 'PGD-10'))):
