@@ -20,6 +20,21 @@ def test_every_recipe_has_a_standard_preset_on_the_zoo_setting():
         assert config.train_subset is None and config.val_size == 1000, recipe.id
 
 
+def test_the_standard_adversarial_networks_train_the_same_epochs_and_end_in_the_tail_the_rule_reads():
+    """Matched budgets and a readable convergence rule: every network trained adversarially from nothing (the
+    baselines, ACT, THAT's robust stage) and DH-AT's second head get the same 90 epochs, each ending in a
+    constant-lr tail at least as long as the last third that runs.validation_rise reads."""
+    budgets = set()
+    for recipe in RECIPES.values():
+        config = recipe.config("standard")
+        if recipe.id == "natural" or (config.base is not None and recipe.id != "dhat"):
+            continue  # fine-tunes (DUCAT, pgd_at_ft, trades_ft, AFT-DRA) and the clean model
+        robust = config.for_stage(recipe.stages(config)[-1 if recipe.id != "dhat" else 0].name)
+        budgets.add(robust.epochs)
+        assert robust.schedule == "cosine" and 3 * robust.tail_epochs >= robust.epochs, recipe.id
+    assert budgets == {90}
+
+
 def test_every_recipe_with_a_paper_preset_cites_the_papers_figures():
     """RESULTS.md's last column: each published method's own numbers, with the table they come from."""
     for recipe in RECIPES.values():

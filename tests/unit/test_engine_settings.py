@@ -46,16 +46,16 @@ def test_a_run_continues_to_more_epochs_only_where_its_trained_epochs_keep_their
     pgd_at = get_recipe("pgd_at")
     trained = pgd_at.config("standard", epochs=30, tail_epochs=0)
     stages = pgd_at.stages(trained)
-    assert lengthening_problem(trained, pgd_at.config("standard"), stages, state(30)) is None  # 30 cosine + 15 tail
+    assert lengthening_problem(trained, pgd_at.config("standard"), stages, state(30)) is None  # 30 cosine + 60 tail
     assert lengthening_problem(trained, trained, stages, state(12)) is None  # an interrupted run
     stretched = lengthening_problem(trained, pgd_at.config("standard", tail_epochs=0), stages, state(30))
     assert "the learning rate of the 30 epochs its" in stretched
-    assert "(30 epochs, 0 of them tail, then; 45 and 0 now: a cosine run grows exactly by adding" in stretched
+    assert "(30 epochs, 0 of them tail, then; 90 and 0 now: a cosine run grows exactly by adding" in stretched
     # DH-AT's aggregator was trained on the second head: the second head cannot grow under it.
     dhat = get_recipe("dhat")
     short = dhat.config("standard", epochs=30, tail_epochs=0)
     problem = lengthening_problem(short, dhat.config("standard"), dhat.stages(short), state(30, 6))
-    assert problem.startswith("its second stage would train 45 epochs instead of its 30")
+    assert problem.startswith("its second stage would train 90 epochs instead of its 30")
     # THAT's 30-epoch run (its clean encoder's override without the tail_epochs 0 it states now) continues.
     that = get_recipe("that")
     that_30 = that.config("standard", epochs=30, tail_epochs=0)

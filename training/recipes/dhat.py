@@ -115,8 +115,8 @@ class DHAT(Recipe):
                   "stages": {"second": {"params": {"beta": 3.0}},
                              "aggregator": {"lr": 0.04, "params": {"beta": 2.0}}}},
         # On the standard trades run, in the paper's proportions: the second head trains as long as
-        # the main network did (45 epochs, its schedule and lr), the aggregator a fifth of its annealed
-        # 30 (6 epochs; the paper's 15 of 76) at the paper's constant lr 0.02.
+        # the main network did (90 epochs, its schedule and lr), the aggregator a fifth of the preset's
+        # 30-epoch anneal (6 epochs; the paper's 15 of 76) at the paper's constant lr 0.02.
         "standard": {**TRADES_STANDARD, "base": "trades",
                      "params": {"second_arch": None},
                      "stages": {"second": {"select_by": "last", "params": {"beta": 3.0}},

@@ -148,7 +148,7 @@ class DUCAT(SingleStageRecipe):
                              "secret_pairing": True}},
         # The tail of the standard PGD-AT schedule, as the paper's DUCAT runs the last 25 of 130 epochs
         # after the lr decays: 6 more epochs (a fifth of the base's 30 annealed ones) at lr 0.005, a tenth of
-        # the base's peak lr and the lr of the base's own 15-epoch tail. The paper fine-tunes at a hundredth, its final lr,
+        # the base's peak lr and the lr of the base's own 60-epoch tail. The paper fine-tunes at a hundredth, its final lr,
         # but for 25 epochs: lr x steps is 25 x 391 x 0.001 = 9.8 there and 6 x 461 x 0.005 = 13.8 here.
         # 0.005 is also the lr at which the initialisation below was chosen.
         # A secret pairing: the zoo model is served. Dummy rows start level with their real rows (offset 0,

@@ -248,7 +248,7 @@ class THAT(Recipe):
         "quick": {**QUICK, "epochs": 1, "batch_size": 64, "train_subset": 10000,
                   "stages": {"clean_encoder": {"batch_size": 128, "select_by": "last"}}, "params": QUICK_PARAMS},
         # The standard setting: the clean encoder for 5 cosine epochs (cheap), then the robust network
-        # for the 45 epochs every adversarial baseline gets, against PGD-AT at the same budget.
+        # for the 90 epochs every adversarial baseline gets, against PGD-AT at the same budget.
         "standard": {**STANDARD, "stages": {"clean_encoder": {"epochs": 5, "tail_epochs": 0, "select_by": "last"}},
                      "params": {**QUICK_PARAMS, "clean_objective": "instance"}},
     }
