@@ -1,0 +1,52 @@
+"""Where the 90-epoch standard runs stand: one markdown row per run folder (epochs done of each stage, the last
+epoch's validation clean / PGD-10 accuracy, the means over the last 15 epochs, the convergence rule's verdict once
+the run is finished, own training minutes and the devices).
+
+    PYTHONPATH=. python docs/standard-zoo-90/progress.py model_store/standard-runs
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from training.recipes import get_recipe
+from training.run_files import read_defense_json
+from training.runs import describe_rise, train_seconds, trained_on, validation_rise
+
+BLOCK = 15  # epochs per mean: one epoch's figure on 1,000 validation images moves by 0.5-1 point from the next
+
+
+def points(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def row(run_dir: Path) -> str:
+    info = read_defense_json(run_dir)
+    recipe = get_recipe(info["defense"])
+    planned = recipe.config(info["preset"])
+    stages = []
+    for stage in info["stages"]:
+        epochs = planned.for_stage(stage["name"]).epochs
+        stages.append(f"{stage['name']} {len(stage['history'])}/{epochs}")
+    last = [stage for stage in info["stages"] if stage["history"]][-1]
+    history = last["history"]
+    block = history[-BLOCK:]
+    end = f"{points(history[-1]['val_clean_acc'])} / {points(history[-1]['val_robust_acc'])}"
+    means = (f"{points(sum(e['val_clean_acc'] for e in block) / len(block))} / "
+             f"{points(sum(e['val_robust_acc'] for e in block) / len(block))} ({block[0]['epoch']}-{block[-1]['epoch']})")
+    verdict = describe_rise(validation_rise(info)) if info.get("finished") else "training"
+    return (f"| {info['defense']} | {', '.join(stages)} | {end} | {means} | {verdict} | "
+            f"{train_seconds(info) / 60:.1f} | {', '.join(trained_on(info))} |")
+
+
+def main(folder: str) -> None:
+    print("| run | epochs done | last epoch: val clean / PGD-10 | mean of the last 15 epochs | rule | own min | device |")
+    print("|---|---|---|---|---|---|---|")
+    for run_dir in sorted(Path(folder).glob("*-standard-*")):
+        if (run_dir / "defense.json").is_file():  # written after the first epoch
+            print(row(run_dir))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "model_store/standard-runs")
