@@ -29,7 +29,8 @@ def test_the_standard_adversarial_networks_train_the_same_epochs_and_end_in_the_
         config = recipe.config("standard")
         if recipe.id == "natural" or (config.base is not None and recipe.id != "dhat"):
             continue  # fine-tunes (DUCAT, pgd_at_ft, trades_ft, AFT-DRA) and the clean model
-        robust = config.for_stage(recipe.stages(config)[-1 if recipe.id != "dhat" else 0].name)
+        # the adversarial stage: THAT's beside its 5-epoch clean encoder, DH-AT's second head beside its aggregator
+        robust = max((config.for_stage(stage.name) for stage in recipe.stages(config)), key=lambda c: c.epochs)
         budgets.add(robust.epochs)
         assert robust.schedule == "cosine" and 3 * robust.tail_epochs >= robust.epochs, recipe.id
     assert budgets == {90}
