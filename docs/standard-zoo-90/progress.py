@@ -1,6 +1,7 @@
 """Where the 90-epoch standard runs stand: one markdown row per run folder (epochs done of each stage, the last
 epoch's validation clean / PGD-10 accuracy, the means over the last 15 epochs, the convergence rule's verdict once
-the run is finished, own training minutes and the devices).
+the run is finished, own training minutes, the median seconds of the last stage's epochs (an epoch during which the
+chains were paused counts the pause; the median does not) and the devices).
 
     PYTHONPATH=. python docs/standard-zoo-90/progress.py model_store/standard-runs
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from statistics import median
 
 from training.recipes import get_recipe
 from training.run_files import read_defense_json
@@ -37,12 +39,12 @@ def row(run_dir: Path) -> str:
              f"{points(sum(e['val_robust_acc'] for e in block) / len(block))} ({block[0]['epoch']}-{block[-1]['epoch']})")
     verdict = describe_rise(validation_rise(info)) if info.get("finished") else "training"
     return (f"| {info['defense']} | {', '.join(stages)} | {end} | {means} | {verdict} | "
-            f"{train_seconds(info) / 60:.1f} | {', '.join(trained_on(info))} |")
+            f"{train_seconds(info) / 60:.1f} | {median(e['seconds'] for e in history):.0f} | {', '.join(trained_on(info))} |")
 
 
 def main(folder: str) -> None:
-    print("| run | epochs done | last epoch: val clean / PGD-10 | mean of the last 15 epochs | rule | own min | device |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | epochs done | last epoch: val clean / PGD-10 | mean of the last 15 | rule | own min | s/epoch | device |")
+    print("|---|---|---|---|---|---|---|---|")
     for run_dir in sorted(Path(folder).glob("*-standard-*")):
         if (run_dir / "defense.json").is_file():  # written after the first epoch
             print(row(run_dir))
