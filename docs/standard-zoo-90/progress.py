@@ -10,33 +10,29 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from statistics import median
+from statistics import fmean, median
 
 from training.recipes import get_recipe
 from training.run_files import read_defense_json
-from training.runs import describe_rise, train_seconds, trained_on, validation_rise
+from training.runs import VALIDATION_KEYS, describe_rise, train_seconds, trained_on, validation_rise
 
 BLOCK = 15  # epochs per mean: one epoch's figure on 1,000 validation images moves by 0.5-1 point from the next
 
 
-def points(value: float) -> str:
-    return f"{100 * value:.1f}"
+def clean_and_pgd(epochs: list[dict]) -> str:
+    """The mean validation clean / PGD-10 accuracy of ``epochs``, in points."""
+    return " / ".join(f"{100 * fmean(e[key] for e in epochs):.1f}" for key in VALIDATION_KEYS)
 
 
 def row(run_dir: Path) -> str:
     info = read_defense_json(run_dir)
     recipe = get_recipe(info["defense"])
     planned = recipe.config(info["preset"])
-    stages = []
-    for stage in info["stages"]:
-        epochs = planned.for_stage(stage["name"]).epochs
-        stages.append(f"{stage['name']} {len(stage['history'])}/{epochs}")
-    last = [stage for stage in info["stages"] if stage["history"]][-1]
-    history = last["history"]
+    stages = [f"{stage['name']} {len(stage['history'])}/{planned.for_stage(stage['name']).epochs}"
+              for stage in info["stages"]]
+    history = [stage for stage in info["stages"] if stage["history"]][-1]["history"]
     block = history[-BLOCK:]
-    end = f"{points(history[-1]['val_clean_acc'])} / {points(history[-1]['val_robust_acc'])}"
-    means = (f"{points(sum(e['val_clean_acc'] for e in block) / len(block))} / "
-             f"{points(sum(e['val_robust_acc'] for e in block) / len(block))} ({block[0]['epoch']}-{block[-1]['epoch']})")
+    end, means = clean_and_pgd(history[-1:]), f"{clean_and_pgd(block)} ({block[0]['epoch']}-{block[-1]['epoch']})"
     verdict = describe_rise(validation_rise(info)) if info.get("finished") else "training"
     return (f"| {info['defense']} | {', '.join(stages)} | {end} | {means} | {verdict} | "
             f"{train_seconds(info) / 60:.1f} | {median(e['seconds'] for e in history):.0f} | {', '.join(trained_on(info))} |")
