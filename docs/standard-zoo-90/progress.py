@@ -14,7 +14,7 @@ from statistics import fmean, median
 
 from training.recipes import get_recipe
 from training.run_files import read_defense_json
-from training.runs import VALIDATION_KEYS, describe_rise, train_seconds, trained_on, validation_rise
+from training.runs import VALIDATION_KEYS, base_config, describe_rise, train_seconds, trained_on, validation_rise
 
 BLOCK = 15  # epochs per mean: one epoch's figure on 1,000 validation images moves by 0.5-1 point from the next
 
@@ -26,9 +26,10 @@ def clean_and_pgd(epochs: list[dict]) -> str:
 
 def row(run_dir: Path) -> str:
     info = read_defense_json(run_dir)
-    recipe = get_recipe(info["defense"])
-    planned = recipe.config(info["preset"])
-    stages = [f"{stage['name']} {len(stage['history'])}/{planned.for_stage(stage['name']).epochs}"
+    planned = get_recipe(info["defense"]).config(info["preset"])
+    # A stage the run took over from its base (it records the base's "run") was planned by the base's settings.
+    stages = [f"{stage['name']} {len(stage['history'])}/"
+              f"{(base_config(planned) if 'run' in stage else planned).for_stage(stage['name']).epochs}"
               for stage in info["stages"]]
     history = [stage for stage in info["stages"] if stage["history"]][-1]["history"]
     block = history[-BLOCK:]
