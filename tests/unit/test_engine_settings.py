@@ -62,6 +62,9 @@ def test_a_run_continues_to_more_epochs_only_where_its_trained_epochs_keep_their
     that_30.stages["clean_encoder"].pop("tail_epochs")
     assert that.config("standard").changed_settings(that_30) == ["epochs", "tail_epochs"]
     assert lengthening_problem(that_30, that.config("standard"), that.stages(that_30), state(5, 30)) is None
+    # ... and so does its 90-epoch run, the preset's until THAT's robust stage got 30 more tail epochs.
+    that_90 = that.config("standard", epochs=90, tail_epochs=60)
+    assert lengthening_problem(that_90, that.config("standard"), that.stages(that_90), state(5, 90)) is None
     longer_aggregator = dhat.config("standard", epochs=30, tail_epochs=0, stages={"aggregator": {"epochs": 9}})
     assert lengthening_problem(short, longer_aggregator, dhat.stages(short), state(30, 6)) is None
 
