@@ -22,8 +22,8 @@ def test_every_recipe_has_a_standard_preset_on_the_zoo_setting():
 
 def test_the_standard_adversarial_networks_train_the_same_epochs_and_end_in_the_tail_the_rule_reads():
     """Matched budgets and a readable convergence rule: every network trained adversarially from nothing (the
-    baselines, ACT) and DH-AT's second head get the same 90 epochs, THAT's robust stage the 120 it needed to
-    flatten, each ending in a constant-lr tail at least as long as the last third that runs.validation_rise reads."""
+    baselines, ACT) and DH-AT's second head get the same 90 epochs, THAT's robust stage 120 (at 90 it still
+    rose), each ending in a constant-lr tail at least as long as the last third that runs.validation_rise reads."""
     budgets = {}
     for recipe in RECIPES.values():
         config = recipe.config("standard")
