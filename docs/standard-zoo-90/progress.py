@@ -28,13 +28,16 @@ def row(run_dir: Path) -> str:
     info = read_defense_json(run_dir)
     planned = get_recipe(info["defense"]).config(info["preset"])
     # A stage the run took over from its base (it records the base's "run") was planned by the base's settings.
-    stages = [f"{stage['name']} {len(stage['history'])}/"
-              f"{(base_config(planned) if 'run' in stage else planned).for_stage(stage['name']).epochs}"
-              for stage in info["stages"]]
+    done_of_planned = [(stage["name"], len(stage["history"]),
+                        (base_config(planned) if "run" in stage else planned).for_stage(stage["name"]).epochs)
+                       for stage in info["stages"]]
+    stages = [f"{name} {done}/{epochs}" for name, done, epochs in done_of_planned]
     history = [stage for stage in info["stages"] if stage["history"]][-1]["history"]
     block = history[-BLOCK:]
     end, means = clean_and_pgd(history[-1:]), f"{clean_and_pgd(block)} ({block[0]['epoch']}-{block[-1]['epoch']})"
-    verdict = describe_rise(validation_rise(info)) if info.get("finished") else "training"
+    # A run finished under an earlier, shorter plan (THAT's 90-epoch robust stage, now 120) is training again.
+    complete = info.get("finished") and all(done >= epochs for _, done, epochs in done_of_planned)
+    verdict = describe_rise(validation_rise(info)) if complete else "training"
     return (f"| {info['defense']} | {', '.join(stages)} | {end} | {means} | {verdict} | "
             f"{train_seconds(info) / 60:.1f} | {median(e['seconds'] for e in history):.0f} | {', '.join(trained_on(info))} |")
 
