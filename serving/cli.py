@@ -313,13 +313,19 @@ def open_demo(state_dir: Path, runs_root: Path, preset: str, port: int) -> None:
 
 
 def _configure_zoo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["add", "check", "list"],
-                   help="add finished, evaluated runs; check every entry's files and clean accuracy; list entries")
-    p.add_argument("runs", type=Path, nargs="*", help="run folders to add")
-    p.add_argument("--zoo", type=Path, default=Path("model_store/zoo"))
-    p.add_argument("--command", default="robustserve run --preset standard",
-                   help="the command that made the runs, recorded in each entry")
-    p.add_argument("--data-root", help="dataset folder (default: the runs')")
+    # One sub-command per action, each with its own options: with the action and the run folders as two positionals
+    # of one parser, argparse took `zoo add --zoo Z RUN` as an `add` of no runs and refused RUN.
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, help_text in [("add", "add finished, evaluated runs"),
+                              ("check", "check every entry's files and clean accuracy on the whole test set"),
+                              ("list", "list the entries with their clean accuracy and validation curve")]:
+        a = actions.add_parser(action, help=help_text, description=help_text)
+        if action == "add":
+            a.add_argument("runs", type=Path, nargs="+", help="run folders to add")
+            a.add_argument("--command", default="robustserve run --preset standard",
+                           help="the command that made the runs, recorded in each entry")
+        a.add_argument("--zoo", type=Path, default=Path("model_store/zoo"))
+        a.add_argument("--data-root", help="dataset folder (default: the runs')")
 
 
 @command("zoo", "the committed model zoo (model_store/zoo): add standard runs, check them, list them", _configure_zoo)
@@ -329,8 +335,6 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     from training.runs import describe_rise, validation_rise
 
     if args.action == "add":
-        if not args.runs:
-            raise ConfigError("zoo add needs the run folders to add")
         for run_dir in args.runs:
             print(f"added {zoo.add_run(run_dir, args.zoo, command=args.command, data_root=args.data_root)}")
         return 0

@@ -50,3 +50,19 @@ def test_a_named_attack_suite_with_the_options_given_on_top():
     assert "upper bounds" in SUITE_NOTES["cpu"] and "full" not in SUITE_NOTES  # a reduced suite says what it is
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--suite", "fast"])
+
+
+def test_zoo_add_takes_its_options_before_or_after_the_run_folders(tmp_path, capsys):
+    from pathlib import Path
+
+    from serving.cli import build_parser
+
+    for argv in (["zoo", "add", "--zoo", "z", "--command", "c", "runs/a", "runs/b"],
+                 ["zoo", "add", "runs/a", "runs/b", "--zoo", "z", "--command", "c"]):
+        args = build_parser().parse_args(argv)
+        assert (args.action, args.runs, args.zoo, args.command) == ("add", [Path("runs/a"), Path("runs/b")], Path("z"), "c")
+    assert build_parser().parse_args(["zoo", "check", "--zoo", "z"]).zoo == Path("z")
+    with pytest.raises(SystemExit):  # adding nothing is an argparse error, not an empty success
+        build_parser().parse_args(["zoo", "add", "--zoo", "z"])
+    assert "required: runs" in capsys.readouterr().err
+    assert main(["zoo", "list", "--zoo", str(tmp_path)]) == 0  # an empty zoo lists nothing
