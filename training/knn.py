@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import save_tensors
+from .checkpoint import load_state, save_tensors
 
 # MEMORY_BANK, the bank's file name: packaging, THAT's recipe and the benchmarks import it from here.
 from .run_files import MEMORY_BANK, read_memory_bank  # noqa: F401
@@ -44,15 +44,22 @@ class MemoryBank:
     def to(self, device: torch.device | str) -> MemoryBank:
         return MemoryBank(self.features.to(device), self.labels.to(device), self.ids.to(device), self.num_classes)
 
-    def save(self, path: Path) -> None:
-        """Write the bank atomically as safetensors (never a pickle)."""
+    def save(self, path: Path, *, built_from: str | None = None) -> None:
+        """Write the bank atomically as safetensors (never a pickle), with ``built_from``: the
+        ``weights_digest`` of the model whose encoder filled it (``memory_bank_source``)."""
         save_tensors(Path(path), {"features": self.features, "labels": self.labels, "ids": self.ids},
-                     {"num_classes": self.num_classes})
+                     {"num_classes": self.num_classes, **({"built_from": built_from} if built_from else {})})
 
     @classmethod
     def load(cls, path: Path) -> MemoryBank:
         features, labels, ids, num_classes = read_memory_bank(Path(path), "pt")
         return cls(features.float(), labels.long(), ids.long(), num_classes)
+
+
+def memory_bank_source(path: Path) -> str | None:
+    """The ``weights_digest`` a bank file records as built from (``MemoryBank.save``); None for a bank that
+    records none (written before banks did). Reads the file's header only."""
+    return (load_state(Path(path)) or {}).get("built_from")
 
 
 @torch.no_grad()

@@ -78,6 +78,23 @@ def test_evaluating_a_run_copied_without_its_memory_bank_rebuilds_it_and_keeps_t
     assert sha256_file(copied / MEMORY_BANK) == sha256_file(served_runs["that"] / MEMORY_BANK)
 
 
+@pytest.mark.usefixtures("served_data")
+def test_a_memory_bank_made_from_other_weights_is_rebuilt_before_use(served_runs, tmp_path):
+    """The bank is ignored by git: a zoo entry whose weights a pull replaced kept the older weights' bank, and
+    checking, evaluating and packaging it used that bank (THAT's kNN mode at 65.0% where its weights give 79.5%)."""
+    from training.knn import MemoryBank
+    from training.runs import restore_artifacts
+
+    copied = tmp_path / "that"
+    shutil.copytree(served_runs["that"], copied, ignore=shutil.ignore_patterns("eval_rows"))
+    fresh = sha256_file(copied / MEMORY_BANK)
+    bank = MemoryBank.load(copied / MEMORY_BANK)
+    stale = MemoryBank(bank.features.flip(0), bank.labels, bank.ids, bank.num_classes)
+    stale.save(copied / MEMORY_BANK, built_from="0" * 64)  # built from weights this folder no longer holds
+    assert {"classifier", "knn"} == set(restore_artifacts(copied).modes())
+    assert sha256_file(copied / MEMORY_BANK) == fresh
+
+
 @pytest.mark.parametrize("entry", sorted(entries(COMMITTED).values()) if COMMITTED.is_dir() else [],
                          ids=lambda path: path.name)
 def test_each_committed_zoo_model_has_its_recorded_clean_accuracy(entry):

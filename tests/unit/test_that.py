@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.checkpoint import CheckpointError, save_tensors, write_json
+from training.checkpoint import CheckpointError, save_tensors, weights_digest, write_json
 from training.data import DatasetSpec, TensorImageDataset
 from training.errors import ConfigError
 from training.knn import (
@@ -24,6 +24,7 @@ from training.knn import (
     build_memory_bank,
     knn_search,
     knn_vote,
+    memory_bank_source,
 )
 from training.models import Normalize, StagedNet
 from training.models.two_head import CleanEncoder, CosineClassifier, FeatureQueue, RobustFeatures, THATModel, TwoHeadNet
@@ -243,6 +244,23 @@ def test_memory_bank_builds_in_index_order_and_round_trips(tmp_path) -> None:
     save_tensors(tmp_path / "weights.safetensors", {"w": torch.zeros(2)})
     with pytest.raises(CheckpointError):
         MemoryBank.load(tmp_path / "weights.safetensors")
+
+
+def test_a_memory_bank_is_current_only_for_the_weights_it_was_built_from(tmp_path) -> None:
+    """A bank left beside weights that changed (an ignored, rebuilt file under a zoo entry that a pull updated) once
+    served THAT's kNN mode at 65% where its weights give 80%: the bank records its weights, and a stale or unrecorded
+    one is rebuilt (``runs.restore_artifacts``)."""
+    model = tiny_model().eval()
+    config = RECIPE.config("quick", params={"bank_batch_size": 7, "bank_size": 15})
+    assert not RECIPE.artifacts_current(model, tmp_path)  # no bank at all
+    RECIPE.finish(model, tmp_path, tiny_train_set(), SPEC, config)
+    assert memory_bank_source(tmp_path / MEMORY_BANK) == weights_digest(model)
+    assert RECIPE.artifacts_current(model, tmp_path)
+    with torch.no_grad():
+        next(model.clean_encoder.parameters()).add_(0.01)  # the weights change under the bank
+    assert not RECIPE.artifacts_current(model, tmp_path)
+    MemoryBank.load(tmp_path / MEMORY_BANK).save(tmp_path / MEMORY_BANK)  # as written before banks recorded it
+    assert memory_bank_source(tmp_path / MEMORY_BANK) is None and not RECIPE.artifacts_current(model, tmp_path)
 
 
 def test_modes_give_the_classifier_and_the_knn_vote_over_the_bank(tmp_path) -> None:

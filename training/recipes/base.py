@@ -224,6 +224,12 @@ class Recipe(ABC):
                config: TrainConfig) -> None:
         """Write artifacts derived from the best weights into ``run_dir`` (atomically). Default: none."""
 
+    def artifacts_current(self, model: nn.Module, run_dir: Path) -> bool:
+        """Whether the artifacts ``finish`` wrote into ``run_dir`` were made from ``model``'s weights. An artifact
+        left in a folder whose weights then changed (a zoo entry updated under an ignored, rebuilt memory bank)
+        is rebuilt by ``runs.restore_artifacts`` instead of being served. Default: no artifacts, always current."""
+        return True
+
 
 class SingleStageRecipe(Recipe):
     """A recipe that trains the whole model with one loss (every baseline)."""

@@ -49,10 +49,20 @@ from torch import nn
 from torch.utils.data import Subset
 
 from ..attacks.core import attack_mode, perturb
+from ..checkpoint import weights_digest
 from ..config import TrainConfig
 from ..data import DatasetSpec
 from ..errors import ConfigError
-from ..knn import MEMORY_BANK, KNNClassifier, MemoryBank, NearestClassFeatures, SoftKNN, TopKSoftKNN, build_memory_bank
+from ..knn import (
+    MEMORY_BANK,
+    KNNClassifier,
+    MemoryBank,
+    NearestClassFeatures,
+    SoftKNN,
+    TopKSoftKNN,
+    build_memory_bank,
+    memory_bank_source,
+)
 from ..models.two_head import CleanEncoder, FeatureQueue, RobustFeatures, THATModel, TwoHeadNet
 from .base import Claim, Recipe, ServingMode, Stage, StepContext, register_recipe
 from .baselines import QUICK, STANDARD
@@ -356,7 +366,12 @@ class THAT(Recipe):
             train_set = Subset(train_set, range(min(p.bank_size, len(train_set))))
         device = next(model.parameters()).device
         bank = build_memory_bank(encoder, train_set, p.bank_batch_size, num_classes=spec.num_classes, device=device)
-        bank.save(Path(run_dir) / MEMORY_BANK)
+        bank.save(Path(run_dir) / MEMORY_BANK, built_from=weights_digest(model))
+
+    def artifacts_current(self, model: nn.Module, run_dir: Path) -> bool:
+        """The memory bank is current when it records ``model``'s weights as the ones it was built from."""
+        bank_path = Path(run_dir) / MEMORY_BANK
+        return bank_path.is_file() and memory_bank_source(bank_path) == weights_digest(model)
 
     def modes(self, model: nn.Module, run_dir: Path | None = None) -> dict[str, ServingMode]:
         """``classifier`` always; ``knn`` once ``run_dir`` holds the memory bank (not during training)."""
