@@ -28,7 +28,7 @@ def train_and_evaluate(recipe_ids: Sequence[str], preset: str, runs_root: Path,
     from training.engine import train
     from training.evaluate import evaluate_run
     from training.recipes import get_recipe
-    from training.runs import base_changed, read_defense_json, run_dir_for, run_finished
+    from training.runs import LAST, base_changed, read_defense_json, run_dir_for, run_finished
 
     run_dirs, reports = [], []
     for recipe_id in recipe_ids:
@@ -47,12 +47,17 @@ def train_and_evaluate(recipe_ids: Sequence[str], preset: str, runs_root: Path,
             changed = config.changed_settings(TrainConfig(**read_defense_json(run_dir)["config"]), ignore=WHERE_IT_RAN)
             why_kept = f"it was trained with other {', '.join(changed)} than the {preset} preset now gives"
             if changed and set(changed) <= LENGTH_OF_TRAINING:
-                print(f"   the {preset} preset now trains it for longer: continuing it", flush=True)
-                try:
-                    train(config, run_dir, resume=True, runs_root=runs_root)
-                    changed = []
-                except CheckpointError as err:
-                    why_kept = str(err)
+                # Without its last epoch's checkpoint (a zoo entry has none) the engine would start the run over,
+                # in place of the finished one: the run is kept and the note says why.
+                if not (run_dir / LAST).exists():
+                    why_kept += f", and it has no {LAST} to continue from"
+                else:
+                    print(f"   the {preset} preset now trains it for longer: continuing it", flush=True)
+                    try:
+                        train(config, run_dir, resume=True, runs_root=runs_root)
+                        changed = []
+                    except CheckpointError as err:
+                        why_kept = str(err)
             if changed:
                 print(f"   note: {why_kept}; move {run_dir} away and run again to train it anew", flush=True)
         reports.append(evaluate_run(run_dir, **suite, progress=True))

@@ -11,7 +11,7 @@ from serving.cli import main
 from training.checkpoint import load_tensors, save_tensors, weights_digest
 from training.recipes import RECIPES
 from training.run_files import read_defense_json
-from training.runs import BEST, load_run
+from training.runs import BEST, LAST, load_run
 
 
 @pytest.mark.slow
@@ -59,6 +59,18 @@ def test_run_trains_evaluates_writes_the_table_and_reuses_finished_runs(learnabl
     info = read_defense_json(runs / "natural-quick-fashion_mnist-smallcnn")
     assert info["config"]["tail_epochs"] == 1 and info["stages"][0]["history"][:2] == trained_epochs
     assert [epoch["epoch"] for epoch in info["stages"][0]["history"]] == [1, 2, 3]
+
+    # Lengthened again, but without its last epoch's checkpoint (as a zoo entry copied into runs/): it cannot be
+    # continued, and it is kept (not trained over from scratch), with a note that says why.
+    natural_dir = runs / "natural-quick-fashion_mnist-smallcnn"
+    (natural_dir / LAST).unlink()
+    served = (natural_dir / BEST).read_bytes()
+    monkeypatch.setitem(natural.presets, "quick", {**natural.presets["quick"], "epochs": 4, "tail_epochs": 2})
+    assert main(args) == 0
+    kept = capsys.readouterr().out
+    assert "continuing it" not in kept and "training into" not in kept
+    assert f"than the quick preset now gives, and it has no {LAST} to continue from" in kept
+    assert (natural_dir / BEST).read_bytes() == served and len(read_defense_json(natural_dir)["stages"][0]["history"]) == 3
 
     # natural now serves other weights than aft_dra started from (as when it is trained anew): aft_dra is stale
     # and is trained anew, from the weights its base serves now.
