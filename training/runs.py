@@ -254,13 +254,13 @@ def load_run(run_dir: str | Path, *, which: str = "best", device: str | torch.de
 
 
 def restore_artifacts(run_dir: Path, data_root: str | None = None, device: str | torch.device = "cpu") -> LoadedRun:
-    """Rebuild the artifacts a run folder was copied without (the model zoo leaves out THAT's memory bank)
-    when a serving mode lacks them, or that were made from other weights than its best (``Recipe.artifacts_current``):
-    the recipe's own ``finish`` from the best weights and the training set (``data_root``, else the run's own), as
-    at the end of training. Returns the loaded run (its modes read the restored artifacts)."""
+    """Rebuild the artifacts a run folder was copied without (the model zoo leaves out THAT's memory bank), or
+    that were made from other weights than its best (``Recipe.artifacts_current``): the recipe's own ``finish`` from
+    the best weights and the training set (``data_root``, else the run's own), as at the end of training. Returns
+    the loaded run (its modes read the restored artifacts)."""
     run = load_run(run_dir, device=device)
     recipe = get_recipe(run.info["defense"])
-    if set(run.modes()) != set(recipe.serving_modes) or not recipe.artifacts_current(run.model, Path(run_dir)):
+    if not recipe.artifacts_current(run.model, Path(run_dir)):
         data_root = data_root if data_root is not None else run.info["config"].get("data_root")
         train_set, spec = plain_train_set(run.info["dataset"], data_root)
         with torch.no_grad():

@@ -3,6 +3,8 @@ anything is trained. The run end to end: tests/integration/test_run_command_end_
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from serving.cli import main, recipe_list
@@ -53,8 +55,6 @@ def test_a_named_attack_suite_with_the_options_given_on_top():
 
 
 def test_zoo_add_takes_its_options_before_or_after_the_run_folders(tmp_path, capsys):
-    from pathlib import Path
-
     from serving.cli import build_parser
 
     for argv in (["zoo", "add", "--zoo", "z", "--command", "c", "runs/a", "runs/b"],

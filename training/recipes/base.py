@@ -225,9 +225,10 @@ class Recipe(ABC):
         """Write artifacts derived from the best weights into ``run_dir`` (atomically). Default: none."""
 
     def artifacts_current(self, model: nn.Module, run_dir: Path) -> bool:
-        """Whether the artifacts ``finish`` wrote into ``run_dir`` were made from ``model``'s weights. An artifact
-        left in a folder whose weights then changed (a zoo entry updated under an ignored, rebuilt memory bank)
-        is rebuilt by ``runs.restore_artifacts`` instead of being served. Default: no artifacts, always current."""
+        """Whether the artifacts ``finish`` writes are in ``run_dir`` and were made from ``model``'s weights; when
+        not (a run copied without them, or a zoo entry updated under an ignored, rebuilt memory bank),
+        ``runs.restore_artifacts`` rebuilds them instead of serving a stale one. Default: no artifacts, always
+        current."""
         return True
 
 
